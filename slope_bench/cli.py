@@ -1,0 +1,99 @@
+"""Hydra entry point with readable one-line errors.
+
+Bad group choices (``method=foo``) and unknown keys (``method.foo=1``) are caught
+before Hydra starts, bad values (``method.w_bits=9``) when the run instantiates its
+objects: in both cases one line on stderr naming the key and what is allowed, exit
+code 2, and no ``results.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+log = logging.getLogger("slope_bench")
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def precheck(argv: list[str]) -> None:
+    """Validate group choices and keys of the overrides before Hydra runs."""
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
+    for item in overrides:
+        key, value = item.split("=", 1)
+        key = key.lstrip("+~")
+        if key in groups and not any(c in value for c in "[]()"):
+            for choice in value.split(","):
+                if choice and not (CONF_DIR / key / f"{choice}.yaml").is_file():
+                    fail(f"{key}={choice!r} is not allowed: expected one of {', '.join(options(key))}")
+    if "-m" in argv or "--multirun" in argv:
+        return  # sweep values are checked per job
+    plain = [a for a in overrides if not a.split("=", 1)[0].lstrip("+~").startswith("hydra")]
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            compose("config", overrides=plain)
+    except (HydraException, OmegaConfBaseException) as e:
+        fail(describe(e, plain))
+
+
+def describe(error: Exception, overrides: list[str]) -> str:
+    """One line for a composition error, naming the key and the allowed keys."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    for item in overrides:
+        key = item.split("=", 1)[0].lstrip("+~")
+        if f"'{key}'" in str(error) and "." in key:
+            parent, leaf = key.rsplit(".", 1)
+            try:
+                from hydra import compose, initialize_config_dir
+
+                with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+                    cfg = compose("config")
+                node = OmegaConf.select(cfg, parent)
+                if isinstance(node, DictConfig):
+                    return f"{key} is not a known key: {parent} has {', '.join(k for k in node.keys() if k != '_target_')}"
+            except Exception:
+                pass
+    return text
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> float | tuple | None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from slope_bench import train
+    from slope_bench.errors import ConfigError
+    from slope_bench.tasks.base import DatasetError
+
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        results = train.run(cfg)
+    except (ConfigError, DatasetError) as e:
+        if multirun:
+            train.record_failure(cfg, e)
+            return None
+        fail(str(e))
+    except Exception as e:
+        train.record_failure(cfg, e)
+        if multirun:
+            log.exception("job failed; recorded as status=failed")
+            return None
+        raise
+    return train.objectives(cfg, results)

@@ -1,0 +1,216 @@
+"""SLOPE and its building-block baselines: N:M (SR-STE) and LSQ weight quantization.
+
+One parametrization, :class:`NMQuantWeight`, computes ``Ŵ = Q(S(W))``:
+
+* ``S``: N:M mask recomputed from ``|W|`` at every forward (SR-STE, Zhou et al. 2021):
+  the forward uses the masked weight; the backward passes the gradient straight
+  through to every weight and adds ``λ_w · (1 − mask) ⊙ W`` to it (§3.3, Eq. 6).
+  The mask can be frozen (sequential baselines) or chosen on the quantized weights.
+* ``Q``: symmetric per-output-channel LSQ (Esser et al. 2020) on the kept weights:
+  learnable step initialised at ``2·mean|w| / sqrt(Qp)`` over kept weights, its gradient
+  scaled by ``1 / sqrt(n_kept · Qp)``.
+
+:class:`Slope` adds the angular-alignment regularizer of SLOPE (Liu, Dvornik, Liu,
+BMVC 2025): ``L_align = (1/n) Σ_i (1 − cos(w_i, ŵ_i))`` over output channels ``i`` of
+all targeted layers pooled (the paper does not say whether ``i`` runs over channels or
+layers; ``scope="layer"`` gives the per-layer variant). ``alignment="l2"`` is the
+direct-matching control (mean squared ``‖w − ŵ‖² / ‖w‖²`` per channel), ``"none"``
+the naive combination. The gradient flows into both ``w`` and ``ŵ``
+(``detach_target=False``, unpublished; a knob).
+
+The method configs ``prune`` (no grid), ``quantize`` (no pattern) and ``naive``
+(``alignment=none``) are this class with parts switched off.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from slope_bench.errors import check_bits, check_choice, check_nm, check_range
+from slope_bench.methods.base import CompressedWeight, Compressor, LayerSpec
+from slope_bench.quant import GRANULARITIES, UniformGrid, fake_quantize, grad_scale, grouped, harden, init_lsq_step
+from slope_bench.sparsity import NM, as_matrix, nm_mask
+
+ALIGNMENTS = ("cosine", "l2", "none")
+SCOPES = ("channel", "layer")
+
+
+class _SRSTE(torch.autograd.Function):
+    """Forward ``w ⊙ mask``; backward ``g + λ_w · (1 − mask) ⊙ w`` (SR-STE, Eq. 6)."""
+
+    @staticmethod
+    def forward(ctx, weight, mask, decay):  # noqa: D102
+        ctx.save_for_backward(weight, mask)
+        ctx.decay = decay
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        weight, mask = ctx.saved_tensors
+        return grad + ctx.decay * (1 - mask) * weight, None, None
+
+
+def keep_masked(out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Zero the pruned positions in the forward value, keep the gradient identity."""
+    return out * mask + (out - out.detach()) * (1 - mask)
+
+
+class NMQuantWeight(CompressedWeight):
+    """``W -> Q(S(W))`` for one layer; either part may be ``None``.
+
+    Args:
+        weight: the layer's initial weight (sets shapes and the LSQ step).
+        pattern: N:M pattern or ``None`` for dense.
+        grid: uniform grid or ``None`` for full precision.
+        sr_ste_decay: ``λ_w`` of SR-STE.
+    """
+
+    def __init__(self, weight: torch.Tensor, pattern: NM | None, grid: UniformGrid | None, sr_ste_decay: float = 2e-4) -> None:
+        super().__init__()
+        self.pattern = pattern if pattern is not None and pattern.applies_to(weight) else None
+        self.grid = grid
+        self.sr_ste_decay = sr_ste_decay
+        self.mask_source = "weight"  # "weight" | "quantized" (quantize -> prune order)
+        self.register_buffer("frozen_mask", None)
+        self.last: torch.Tensor | None = None
+        if grid is not None:
+            mask = self.mask(weight)
+            self.step = torch.nn.Parameter(init_lsq_step(weight, grid, mask))
+            kept = weight.numel() * (self.pattern.density if self.pattern else 1.0)
+            self.step_grad_scale = 1.0 / math.sqrt(max(kept, 1) * grid.qmax)
+
+    # ---- pattern ---------------------------------------------------------------------
+    def mask(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """Current keep-mask (float), or ``None`` when the layer is dense."""
+        if self.pattern is None:
+            return None
+        if self.frozen_mask is not None:
+            return self.frozen_mask
+        score = weight
+        if self.mask_source == "quantized" and self.grid is not None:
+            score = fake_quantize(weight.detach(), self.step.detach(), self.grid)
+        return nm_mask(score, self.pattern).to(weight.dtype)
+
+    def freeze_mask(self, weight: torch.Tensor) -> None:
+        """Hold the current mask fixed from now on."""
+        m = self.mask(weight)
+        self.frozen_mask = None if m is None else m.detach().clone()
+
+    # ---- forward / harden ------------------------------------------------------------
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        out = weight
+        mask = self.mask(weight)
+        if mask is not None:
+            out = _SRSTE.apply(weight, mask, self.sr_ste_decay)
+        if self.grid is not None:
+            step = grad_scale(self.step, self.step_grad_scale)
+            out = fake_quantize(out, step, self.grid)
+            if mask is not None:
+                out = keep_masked(out, mask)
+        if self.training:
+            self.last = out
+        return out
+
+    @torch.no_grad()
+    def harden(self, weight: torch.Tensor) -> torch.Tensor:
+        mask = self.mask(weight)
+        if self.grid is None:
+            return weight * mask if mask is not None else weight.clone()
+        masked = weight * mask if mask is not None else weight
+        return harden(masked, self.step.detach(), self.grid, mask)
+
+    def spec(self, weight: torch.Tensor) -> LayerSpec:
+        if self.grid is None:
+            return LayerSpec(pattern=self.pattern, grid="float", bits=None)
+        groups = grouped(weight, self.grid).shape[0]
+        per_group = 1 if self.grid.symmetric else 2
+        return LayerSpec(self.pattern, "uniform", self.grid.bits, self.grid.granularity, groups * per_group)
+
+
+class Slope(Compressor):
+    """SLOPE: N:M sparsity + k-bit LSQ with an angular-alignment regularizer.
+
+    Args:
+        n, m: N:M pattern (``n=None`` for no sparsity).
+        w_bits: weight bits 1..8 (``None`` for full precision).
+        lam: weight ``λ`` of the alignment term.
+        alignment: ``cosine`` (SLOPE), ``l2`` (direct matching) or ``none`` (naive).
+        scope: cosine over output ``channel`` rows (default) or whole ``layer`` tensors.
+        detach_target: stop the gradient through ``ŵ`` inside the alignment term.
+        sr_ste_decay: SR-STE ``λ_w``.
+        granularity: quantization scale granularity (``channel``/``tensor``/``group``).
+        group_size: group length for ``granularity=group``.
+        nm_order: ``input`` (SR-STE flattening) or ``channel_major``.
+        compress_first, compress_classifier: see :class:`Compressor`.
+    """
+
+    name = "slope"
+    optim_groups = {"step": {"weight_decay": 0.0}}
+
+    def __init__(
+        self,
+        n: int | None = 2,
+        m: int | None = 4,
+        w_bits: int | None = 4,
+        lam: float = 1.0,
+        alignment: str = "cosine",
+        scope: str = "channel",
+        detach_target: bool = False,
+        sr_ste_decay: float = 2e-4,
+        granularity: str = "channel",
+        group_size: int = 128,
+        nm_order: str = "input",
+        compress_first: bool = False,
+        compress_classifier: bool = False,
+    ) -> None:
+        super().__init__(compress_first, compress_classifier)
+        self.pattern = check_nm(n, m, nm_order)
+        self.grid = None if w_bits is None else UniformGrid(check_bits(w_bits), True, granularity, group_size)
+        check_choice("alignment", alignment, ALIGNMENTS)
+        check_choice("scope", scope, SCOPES)
+        check_choice("granularity", granularity, GRANULARITIES)
+        self.lam = check_range("lam", lam, 0.0, high=1e12)
+        self.sr_ste_decay = check_range("sr_ste_decay", sr_ste_decay, 0.0, high=1e12)
+        self.alignment = alignment if (self.grid is not None or self.pattern is not None) else "none"
+        self.scope = scope
+        self.detach_target = detach_target
+
+    def make_parametrization(self, name: str, weight: torch.Tensor) -> CompressedWeight | None:
+        if self.pattern is None and self.grid is None:
+            return None
+        return NMQuantWeight(weight, self.pattern, self.grid, self.sr_ste_decay)
+
+    def penalty(self) -> torch.Tensor | float:
+        if self.alignment == "none" or self.lam == 0 or not self.layers:
+            return 0.0
+        terms, count = [], 0
+        for name, p in self.layers.items():
+            w = self.modules[name].parametrizations.weight.original
+            w_hat = p.last if p.last is not None else p(w)
+            if self.detach_target:
+                w_hat = w_hat.detach()
+            a = as_matrix(w) if self.scope == "channel" else w.reshape(1, -1)
+            b = as_matrix(w_hat) if self.scope == "channel" else w_hat.reshape(1, -1)
+            if self.alignment == "cosine":
+                term = 1 - torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12)
+            else:
+                term = (a - b).pow(2).sum(1) / a.detach().pow(2).sum(1).clamp_min(1e-12)
+            terms.append(term.sum())
+            count += term.numel()
+        return self.lam * torch.stack(terms).sum() / count
+
+    def stats(self) -> dict[str, float]:
+        if self.alignment == "none" or not self.layers:
+            return {}
+        with torch.no_grad():
+            value = self.penalty()
+        return {"align": float(value) / self.lam} if self.lam else {}
+
+    def setting(self) -> str:
+        parts = []
+        if self.pattern is not None:
+            parts.append(str(self.pattern))
+        parts.append(f"w{self.grid.bits}" if self.grid is not None else "fp32")
+        return " ".join(parts)

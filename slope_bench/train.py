@@ -1,0 +1,321 @@
+"""One run, top to bottom: instantiate → dense reference → compress → measure → record.
+
+``run(cfg)`` returns the results dict (also written to ``results.json``), so tests call
+it directly; ``run.py`` is the Hydra entry point around it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from slope_bench.errors import ConfigError
+from slope_bench.lit import LitCompress, StepTimer
+from slope_bench.methods.base import Compressor
+from slope_bench.metrics import measure
+from slope_bench.models import target_names
+from slope_bench.utils import atomic_write_json, load_state_file, save_state, stable_hash
+
+log = logging.getLogger("slope_bench")
+METHOD_RESERVED = ("name", "epochs")
+CACHE_VERSION = 1
+
+
+# ---------------------------------------------------------------------------- building
+def build(group: str, node: DictConfig, drop: tuple[str, ...] = (), **kwargs: Any) -> Any:
+    """Instantiate a config group (minus the ``drop`` keys); a ConfigError is re-raised
+    with the group's prefix (``method.w_bits``)."""
+    if drop:
+        spec = OmegaConf.to_container(node, resolve=True)
+        node = OmegaConf.create({k: v for k, v in spec.items() if k not in drop})
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except ConfigError as e:
+        raise e.within(group) from None
+    except hydra.errors.InstantiationException as e:
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause.within(group) from None
+        raise
+
+
+def build_method(node: DictConfig) -> tuple[str, int | None, Compressor]:
+    """(name, epochs override, compressor) from a ``conf/method/*.yaml`` node."""
+    name, epochs = node.name, node.get("epochs")
+    if epochs is not None and (not isinstance(epochs, int) or epochs < 0):
+        raise ConfigError("method.epochs", epochs, "null or an integer >= 0")
+    return name, epochs, build("method", node, drop=METHOD_RESERVED)
+
+
+# ---------------------------------------------------------------------------- training
+@dataclass
+class Fit:
+    fit_s: float
+    step_ms: float | None
+    steps: int
+
+
+def fit(model, task, compressor: Compressor, epochs: int, lr: float, cfg: DictConfig, logger=None, tag: str = "train") -> Fit:
+    """Train ``model`` for ``epochs`` at peak ``lr`` with the run's optimizer, schedule and trainer."""
+    if epochs == 0:
+        return Fit(0.0, None, 0)
+    timer = StepTimer()
+    lit = LitCompress(
+        model,
+        task,
+        compressor,
+        optimizer=hydra.utils.instantiate(cfg.optimizer, lr=lr),
+        scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        val_every=cfg.get("val_every", 1),
+    )
+    trainer = hydra.utils.instantiate(
+        cfg.trainer,
+        max_epochs=epochs,
+        logger=logger if logger is not None else False,
+        callbacks=[timer],
+        enable_checkpointing=False,
+        default_root_dir=cfg.paths.output_dir,
+    )
+    log.info("%s: %d epochs", tag, epochs)
+    t0 = time.perf_counter()
+    trainer.fit(lit, datamodule=task)
+    return Fit(time.perf_counter() - t0, timer.step_ms, int(trainer.global_step))
+
+
+@dataclass
+class Reference:
+    state: dict[str, torch.Tensor]
+    metrics: dict[str, float]
+    step_ms: float | None
+
+
+def cached_training(cache_file: Path | None, train_fn) -> Reference:
+    """Load a trained model from the cache, or train it and cache it (atomically)."""
+    if cache_file is not None and cache_file.is_file():
+        try:
+            state = load_state_file(cache_file)
+            import json
+
+            meta = json.loads(cache_file.with_suffix(".json").read_text())
+            log.info("loaded cached model %s", cache_file.name)
+            return Reference(state, meta["metrics"], meta.get("step_ms"))
+        except Exception as e:  # a truncated or tampered cache is rebuilt, never used
+            log.warning("cache %s unreadable (%s): rebuilding", cache_file, e)
+    ref = train_fn()
+    if cache_file is not None:
+        save_state(cache_file, ref.state)
+        atomic_write_json(cache_file.with_suffix(".json"), {"metrics": ref.metrics, "step_ms": ref.step_ms, "version": CACHE_VERSION})
+    return ref
+
+
+def dense_key(cfg: DictConfig) -> dict:
+    return {
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "task": OmegaConf.to_container(cfg.task, resolve=True),
+        "seed": cfg.seed,
+        "dense": OmegaConf.to_container(cfg.dense, resolve=True),
+        "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
+        "version": CACHE_VERSION,
+    }
+
+
+def cache_path(cfg: DictConfig, kind: str, key: dict) -> Path | None:
+    if not cfg.dense.cache:
+        return None
+    return Path(cfg.paths.cache_dir) / kind / f"{cfg.model.name}-{cfg.task.name}-{stable_hash(key)}.safetensors"
+
+
+# ---------------------------------------------------------------------------- the run
+def run(cfg: DictConfig) -> dict:
+    """Run one configuration end to end; returns the results dict."""
+    out_dir = Path(cfg.paths.output_dir)
+    pl.seed_everything(cfg.seed, workers=True)
+
+    # 1. instantiate everything first: every bad value fails here, before training
+    task = build("task", cfg.task, seed=cfg.seed)
+    method_name, method_epochs, compressor = build_method(cfg.method)
+
+    def new_model():
+        return build("model", cfg.model, drop=("name",), num_classes=task.num_classes, in_chans=task.in_chans, image_size=task.image_size)
+
+    model = new_model()
+    compressor.num_train = task.num_train
+    n_calib = getattr(compressor, "n_calib", 256)
+    if n_calib > compressor.num_train:
+        raise ConfigError("method.n_calib", n_calib, f"at most the training set size ({compressor.num_train})")
+    epochs = cfg.finetune.epochs if method_epochs is None else method_epochs
+    if epochs < 0 or cfg.dense.epochs < 0:
+        raise ConfigError("finetune.epochs" if epochs < 0 else "dense.epochs", min(epochs, cfg.dense.epochs), "an integer >= 0")
+    logger = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") else None
+    main = task.main_metric
+
+    # 2. dense reference: trained once and cached (or loaded from pretrained / checkpoint)
+    def train_dense() -> Reference:
+        dense_model = new_model()
+        fitted = fit(dense_model, task, Compressor(), cfg.dense.epochs, cfg.dense.lr, cfg, tag="dense reference")
+        return Reference(dense_model.state_dict(), task.evaluate(dense_model), fitted.step_ms)
+
+    key = dense_key(cfg)
+    dense = cached_training(cache_path(cfg, "dense", key), train_dense)
+    model.load_state_dict(dense.state)
+
+    # 3. control: the dense model fine-tuned with this run's budget and schedule (cached)
+    def train_dense_ft() -> Reference:
+        ft_model = new_model()
+        ft_model.load_state_dict(dense.state)
+        fitted = fit(ft_model, task, Compressor(), epochs, cfg.finetune.lr, cfg, tag="dense fine-tune control")
+        return Reference(ft_model.state_dict(), task.evaluate(ft_model), fitted.step_ms)
+
+    if cfg.control.dense_ft and epochs > 0:
+        ft_key = {**key, "finetune": OmegaConf.to_container(cfg.finetune, resolve=True), "finetune_epochs": epochs, "scheduler": OmegaConf.to_container(cfg.scheduler, resolve=True)}
+        dense_ft = cached_training(cache_path(cfg, "dense_ft", ft_key), train_dense_ft)
+    else:
+        dense_ft = Reference({}, dense.metrics, dense.step_ms)
+
+    # 4. compress: prepare -> fine-tune with the method's penalty/schedule -> finalize
+    targets = target_names(model, compressor.compress_first, compressor.compress_classifier)
+    references = {n: model.get_submodule(n).weight.detach().clone() for n in targets}
+    model = compressor.prepare(model, targets)
+    fitted = fit(model, task, compressor, epochs, cfg.finetune.lr, cfg, logger=logger, tag=f"{method_name} fine-tune")
+    calib = task.calib_batches(n_calib, getattr(compressor, "calib_passes", 1)) if n_calib else None
+    model = compressor.finalize(model, calib)
+    model.eval()
+
+    # 5. measure, from the finalized tensors
+    test = task.evaluate(model)
+    report = measure(model, compressor.specs, task.example_input(), references)
+    extras = getattr(compressor, "layer_extras", {}) or {}
+    for record in report["layers"]:
+        record.update(extras.get(record["name"], {}))
+    results: dict[str, Any] = {
+        "method": method_name,
+        "model": cfg.model.name,
+        "task": cfg.task.name,
+        "seed": cfg.seed,
+        "setting": compressor.setting(),
+        "status": "ok",
+        "main_metric": main,
+        "model_width": cfg.model.get("width"),
+    }
+    results.update({f"test/{k}": v for k, v in test.items()})
+    results.update({f"test/{k}_dense": v for k, v in dense.metrics.items()})
+    results.update({f"test/{k}_dense_ft": v for k, v in dense_ft.metrics.items()})
+    results["test/retention"] = test[main] / dense.metrics[main] if dense.metrics[main] else None
+    if getattr(compressor, "ensemble", None):
+        results.update({f"test/{k}_bayes_avg": v for k, v in evaluate_ensemble(model, task, compressor.ensemble).items()})
+    results.update({k: v for k, v in report.items() if k != "layers"})
+    results.update(getattr(compressor, "extra_results", {}) or {})
+    results.update(
+        {
+            "time/fit_s": fitted.fit_s,
+            "time/step_ms": fitted.step_ms,
+            "time/step_ms_dense": dense_ft.step_ms,
+            "train/epochs": epochs,
+            "train/steps": fitted.steps,
+            "train/dense_epochs": cfg.dense.epochs,
+        }
+    )
+    results["layers"] = report["layers"]
+
+    # 6. record
+    save_state(out_dir / "finalized.safetensors", model.state_dict(), metadata={"method": method_name, "model": cfg.model.name})
+    atomic_write_json(out_dir / "results.json", results)
+    if logger is not None:
+        log_results(logger, cfg, results)
+    print_summary(results)
+    return results
+
+
+def evaluate_ensemble(model, task, ensemble: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Main metric of the mean logits of sampled networks (Bayesian averaging)."""
+    keep = {n: model.get_submodule(n).weight.detach().clone() for n in ensemble[0]}
+    total, targets = None, None
+    for weights in ensemble:
+        for n, w in weights.items():
+            model.get_submodule(n).weight.data.copy_(w)
+        logits, targets = task.logits(model, task.test_dataloader())
+        total = logits if total is None else total + logits
+    for n, w in keep.items():
+        model.get_submodule(n).weight.data.copy_(w)
+    return task.score(total / len(ensemble), targets)
+
+
+def log_results(logger, cfg: DictConfig, results: dict) -> None:
+    """Config, results summary and the per-layer table to the run's logger."""
+    flat = {k: v for k, v in results.items() if k != "layers"}
+    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    experiment = getattr(logger, "experiment", None)
+    if hasattr(experiment, "summary"):  # W&B
+        import wandb
+
+        experiment.summary.update({k: v for k, v in flat.items() if v is not None})
+        if results["layers"]:
+            cols = list(results["layers"][0].keys())
+            experiment.log({"layers": wandb.Table(columns=cols, data=[[str(r.get(c)) if isinstance(r.get(c), list) else r.get(c) for c in cols] for r in results["layers"]])})
+        experiment.finish()
+    else:
+        logger.log_metrics({k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        logger.save()
+
+
+def print_summary(results: dict) -> None:
+    """A short table of the headline numbers."""
+    from rich.console import Console
+    from rich.table import Table
+
+    main = results["main_metric"]
+
+    def fmt(v, spec=".4f"):
+        return "—" if v is None else format(v, spec)
+
+    table = Table(title=f"{results['method']} · {results['model']} · {results['task']} · {results['setting']} · seed {results['seed']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [
+        (f"test/{main}", fmt(results.get(f"test/{main}"))),
+        (f"test/{main}_dense", fmt(results.get(f"test/{main}_dense"))),
+        (f"test/{main}_dense_ft", fmt(results.get(f"test/{main}_dense_ft"))),
+        ("test/retention", fmt(results.get("test/retention"))),
+        ("compress/ratio (whole model)", fmt(results.get("compress/ratio"), ".2f") + "×"),
+        ("compress/ratio_nominal (paper)", fmt(results.get("compress/ratio_nominal"), ".2f") + "×"),
+        ("compress/measured_ratio (file)", fmt(results.get("compress/measured_ratio"), ".2f") + "×"),
+        ("compress/bits_per_weight", fmt(results.get("compress/bits_per_weight"), ".3f")),
+        ("compress/sparsity", fmt(results.get("compress/sparsity"), ".3f")),
+        ("compress/bops_ratio", fmt(results.get("compress/bops_ratio"), ".4f")),
+        ("time/step_ms vs dense", f"{fmt(results.get('time/step_ms'), '.1f')} / {fmt(results.get('time/step_ms_dense'), '.1f')}"),
+    ]
+    for k in sorted(results):
+        if k.endswith("_bayes_avg"):
+            rows.insert(3, (k, fmt(results[k])))
+    for row in rows:
+        table.add_row(*row)
+    Console(stderr=False).print(table)
+
+
+def record_failure(cfg: DictConfig, error: BaseException) -> None:
+    """A failed run still leaves a ``results.json`` (``status: failed``) for the leaderboard."""
+    try:
+        identity = {"method": cfg.method.name, "model": cfg.model.name, "task": cfg.task.name, "seed": cfg.seed}
+    except Exception:
+        identity = {}
+    out = {**identity, "status": "failed", "error": f"{type(error).__name__}: {error}".splitlines()[0]}
+    atomic_write_json(Path(cfg.paths.output_dir) / "results.json", out)
+
+
+def objectives(cfg: DictConfig, results: dict) -> float | tuple | None:
+    """What a sweeper optimises: ``cfg.objectives`` lists result keys (tuple for several)."""
+    keys = cfg.get("objectives")
+    if not keys:
+        return results.get(f"test/{results['main_metric']}")
+    values = tuple(float(results.get(k) or 0.0) for k in keys)
+    return values if len(values) > 1 else values[0]

@@ -73,6 +73,16 @@ def describe(error: Exception, overrides: list[str]) -> str:
     return text
 
 
+def discard_empty_run_dir(cfg: DictConfig) -> None:
+    """Remove the run dir Hydra made for a run that never started (config only)."""
+    import shutil
+
+    out = Path(cfg.paths.output_dir)
+    if out.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in out.iterdir()):
+        logging.shutdown()
+        shutil.rmtree(out, ignore_errors=True)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | tuple | None:
     from hydra.core.hydra_config import HydraConfig
@@ -89,6 +99,7 @@ def main(cfg: DictConfig) -> float | tuple | None:
         if multirun:
             train.record_failure(cfg, e)
             return None
+        discard_empty_run_dir(cfg)
         fail(str(e))
     except Exception as e:
         train.record_failure(cfg, e)

@@ -130,6 +130,8 @@ def account_tensor(name: str, weight: torch.Tensor, spec: LayerSpec, reference: 
     levels_nz = int(without_zero.max()) if numel else 0
     scale_bits = spec.scale_values * SCALE_BITS if spec.grid != "float" else 0
 
+    if spec.grid == "float":  # unquantized values need no codebook: stored as float32
+        levels_all = levels_nz = MAX_CODED_LEVELS + 1
     pattern = spec.pattern
     if isinstance(pattern, NM) and satisfies_nm(w, pattern):
         b = bits_for_levels(levels_all)
@@ -156,7 +158,7 @@ def account_tensor(name: str, weight: torch.Tensor, spec: LayerSpec, reference: 
         w_bits=b,
         granularity=spec.granularity if spec.grid != "float" else "none",
         sparsity=1 - nnz / max(numel, 1),
-        levels=levels_nz,
+        levels=levels_nz if spec.grid != "float" else int(without_zero.max()) if numel else 0,
         sqnr_db=sqnr_db(reference, w) if reference is not None else None,
         numel=numel,
         nnz=nnz,

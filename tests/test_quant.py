@@ -1,0 +1,89 @@
+import math
+
+import pytest
+import torch
+
+from slope_bench.quant import UniformGrid, codes, fake_quantize, fp16_exact, grad_scale, harden, init_lsq_step, rtn_step, sqnr_db, ste_round
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_level_count_per_channel(bits):
+    grid = UniformGrid(bits)
+    w = torch.randn(16, 64) * 3
+    out = harden(w, rtn_step(w, grid), grid)
+    for row in out:
+        assert len(torch.unique(row)) <= grid.max_levels
+        positive = torch.unique(row[row > 0])
+        assert len(positive) <= max(2 ** (bits - 1) - 1, 1)
+
+
+def test_harden_values_are_integer_codes_times_fp16_scales():
+    grid = UniformGrid(4)
+    w = torch.randn(8, 32)
+    step = init_lsq_step(w, grid)
+    out = harden(w, step, grid)
+    s16 = fp16_exact(step)
+    q = out / s16
+    assert torch.equal(q, torch.round(q))
+    assert q.abs().max() <= grid.qmax
+    assert torch.equal(fp16_exact(s16), s16)
+
+
+def test_ste_round_passes_gradient_through():
+    x = torch.linspace(-2, 2, 11, requires_grad=True)
+    ste_round(x).sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+def test_grad_scale_is_identity_forward_scaled_backward():
+    x = torch.tensor([2.0], requires_grad=True)
+    y = grad_scale(x, 0.25)
+    assert torch.equal(y, x)
+    y.sum().backward()
+    assert x.grad.item() == pytest.approx(0.25)
+
+
+def test_lsq_step_learns_towards_lower_error():
+    torch.manual_seed(0)
+    grid = UniformGrid(3)
+    w = torch.randn(4, 256)
+    step = torch.nn.Parameter(init_lsq_step(w, grid) * 3)  # badly initialised
+    opt = torch.optim.Adam([step], lr=1e-2)
+    first = None
+    for _ in range(100):
+        err = (fake_quantize(w, grad_scale(step, 1 / math.sqrt(w.numel() * grid.qmax)), grid) - w).pow(2).mean()
+        first = first if first is not None else err.item()
+        opt.zero_grad()
+        err.backward()
+        opt.step()
+    assert err.item() < 0.7 * first
+
+
+def test_fake_quantize_gradient_flows_to_weight_and_step():
+    grid = UniformGrid(4)
+    w = torch.randn(4, 8, requires_grad=True)
+    step = torch.nn.Parameter(init_lsq_step(w, grid))
+    fake_quantize(w, step, grid).pow(2).sum().backward()
+    assert w.grad is not None and w.grad.abs().sum() > 0
+    assert step.grad is not None and step.grad.abs().sum() > 0
+
+
+def test_asymmetric_and_group_granularity():
+    grid = UniformGrid(4, symmetric=False)
+    assert (grid.qmin, grid.qmax) == (0, 15)
+    g = UniformGrid(4, granularity="group", group_size=8)
+    w = torch.randn(4, 32)
+    assert init_lsq_step(w, g).shape == (16, 1)
+    assert codes(w, init_lsq_step(w, g), g).shape == w.shape
+
+
+def test_sqnr():
+    w = torch.ones(100)
+    assert sqnr_db(w, w) == math.inf
+    assert sqnr_db(w, w * 0.9) == pytest.approx(20.0, abs=1e-4)  # 10 log10(1 / 0.01)
+
+
+@pytest.mark.parametrize("bad", [dict(bits=0), dict(bits=9), dict(granularity="row")])
+def test_grid_rejects_bad_values(bad):
+    with pytest.raises(ValueError):
+        UniformGrid(**bad)

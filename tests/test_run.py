@@ -1,0 +1,89 @@
+"""``run(cfg)`` end to end for every method on resnet18/digits (shrunk), and the real CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from slope_bench.train import run
+from tests.conftest import METHODS, ROOT, SHRINK
+
+CONTRACT = [
+    "method", "model", "task", "seed", "setting",
+    "test/top1", "test/top1_dense", "test/top1_dense_ft", "test/retention",
+    "compress/ratio", "compress/ratio_nominal", "compress/bits_per_weight", "compress/sparsity",
+    "compress/bops", "compress/bops_ratio",
+    "time/fit_s", "time/step_ms", "time/step_ms_dense", "layers",
+]  # fmt: skip
+LAYER_KEYS = ["name", "shape", "pattern", "w_bits", "granularity", "sparsity", "levels", "sqnr_db"]
+
+
+def check_contract(results: dict) -> None:
+    missing = [k for k in CONTRACT if k not in results]
+    assert not missing, f"results.json lacks {missing}"
+    assert 0 <= results["test/top1"] <= 1 and 0 <= results["test/top1_dense"] <= 1
+    assert results["test/retention"] == pytest.approx(results["test/top1"] / results["test/top1_dense"])
+    assert results["layers"], "no per-layer records"
+    for layer in results["layers"]:
+        assert all(k in layer for k in LAYER_KEYS), layer
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_run_every_method_end_to_end(method, make_cfg):
+    cfg = make_cfg(f"method={method}")
+    results = run(cfg)
+    check_contract(results)
+    assert results["method"] == method and results["model"] == "resnet18" and results["task"] == "digits"
+    out = cfg.paths.output_dir
+    on_disk = json.loads((__import__("pathlib").Path(out) / "results.json").read_text())
+    assert on_disk["compress/ratio"] == pytest.approx(results["compress/ratio"])
+    state = load_file(f"{out}/finalized.safetensors")
+    for layer in results["layers"]:
+        w = state[f"{layer['name']}.weight"]
+        assert float((w == 0).float().mean()) == pytest.approx(layer["sparsity"], abs=1e-9)
+    if method != "dense":
+        assert results["compress/ratio"] > 1.5
+        assert results["compress/bops_ratio"] < 1.0
+
+
+def test_slope_default_setting_and_dense_cache_reuse(make_cfg):
+    cfg = make_cfg()
+    first = run(cfg)
+    assert first["setting"] == "2:4 w4"
+    assert all(layer["pattern"] == "2:4" for layer in first["layers"])
+    assert max(layer["w_bits"] for layer in first["layers"]) <= 4
+    cache_files = list((__import__("pathlib").Path(cfg.paths.cache_dir) / "dense").glob("*.safetensors"))
+    assert len(cache_files) == 1
+    stamp = cache_files[0].stat().st_mtime_ns
+    second = run(make_cfg("method=naive"))
+    assert second["test/top1_dense"] == first["test/top1_dense"]
+    assert cache_files[0].stat().st_mtime_ns == stamp, "the dense reference must be reused, not retrained"
+
+
+def test_cli_default_job(tmp_path):
+    """The real ``python run.py`` writes results.json in its Hydra run dir."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "run.py", *SHRINK, f"hydra.run.dir={run_dir}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    check_contract(results)
+    assert "retention" in proc.stdout
+    assert (run_dir / "finalized.safetensors").is_file()
+
+
+def test_cli_wandb_offline_run(tmp_path):
+    """The default logger (W&B, offline) records the run locally without an API key."""
+    run_dir = tmp_path / "run"
+    shrink = [s for s in SHRINK if not s.startswith("logger=")]
+    env = {"WANDB_MODE": "offline", "WANDB_API_KEY": "", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    cmd = [sys.executable, "run.py", *shrink, "method=quantize", f"hydra.run.dir={run_dir}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert list((run_dir / "wandb").glob("offline-run-*")), "no offline W&B run written"
+    assert torch.tensor(json.loads((run_dir / "results.json").read_text())["compress/ratio"]) > 1

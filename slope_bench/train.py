@@ -317,5 +317,6 @@ def objectives(cfg: DictConfig, results: dict) -> float | tuple | None:
     keys = cfg.get("objectives")
     if not keys:
         return results.get(f"test/{results['main_metric']}")
+    keys = [f"test/{results['main_metric']}" if k == "test/main" else k for k in keys]
     values = tuple(float(results.get(k) or 0.0) for k in keys)
     return values if len(values) > 1 else values[0]

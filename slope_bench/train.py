@@ -225,6 +225,7 @@ def run(cfg: DictConfig) -> dict:
             "train/dense_epochs": cfg.dense.epochs,
         }
     )
+    results.update({f"paper/{k}": v for k, v in (cfg.get("paper") or {}).items()})
     results["layers"] = report["layers"]
 
     # 6. record

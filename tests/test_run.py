@@ -45,7 +45,7 @@ def test_run_every_method_end_to_end(method, make_cfg):
     state = load_file(f"{out}/finalized.safetensors")
     for layer in results["layers"]:
         w = state[f"{layer['name']}.weight"]
-        assert float((w == 0).float().mean()) == pytest.approx(layer["sparsity"], abs=1e-9)
+        assert float((w == 0).double().mean()) == pytest.approx(layer["sparsity"], abs=1e-9)
     if method != "dense":
         assert results["compress/ratio"] > 1.5
         assert results["compress/bops_ratio"] < 1.0

@@ -6,8 +6,14 @@ it directly; ``run.py`` is the Hydra entry point around it.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
 import logging
+import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from slope_bench.errors import ConfigError
-from slope_bench.lit import LitCompress, StepTimer
+from slope_bench.lit import LitCompress, StepTimer, barrier, broadcast_object, is_global_zero
 from slope_bench.methods.base import Compressor
 from slope_bench.metrics import measure
 from slope_bench.models import target_names
@@ -65,11 +71,25 @@ class Fit:
     steps: int
 
 
-def fit(model, task, compressor: Compressor, epochs: int, lr: float, cfg: DictConfig, logger=None, tag: str = "train") -> Fit:
-    """Train ``model`` for ``epochs`` at peak ``lr`` with the run's optimizer, schedule and trainer."""
+def fit(model, task, compressor: Compressor, epochs: int, lr: float, cfg: DictConfig, logger=None, tag: str = "train", checkpoint: str | None = None) -> Fit:
+    """Train ``model`` for ``epochs`` at peak ``lr`` with the run's optimizer, schedule and trainer.
+
+    With ``checkpoint`` set, ``<run dir>/checkpoints/<checkpoint>/last.ckpt`` is written
+    after every epoch, and ``resume=true`` continues from it (loaded with ``weights_only=True``).
+    """
     if epochs == 0:
         return Fit(0.0, None, 0)
     timer = StepTimer()
+    callbacks: list[pl.Callback] = [timer]
+    ckpt_path = None
+    if checkpoint is not None:
+        from pytorch_lightning.callbacks import ModelCheckpoint
+
+        folder = Path(cfg.paths.output_dir) / "checkpoints" / checkpoint
+        callbacks.append(ModelCheckpoint(dirpath=folder, save_last=True, save_top_k=0, every_n_epochs=1, save_on_train_epoch_end=True))
+        if cfg.get("resume", False) and (folder / "last.ckpt").is_file():
+            ckpt_path = str(folder / "last.ckpt")
+            log.info("%s: resuming from %s", tag, ckpt_path)
     lit = LitCompress(
         model,
         task,
@@ -82,13 +102,13 @@ def fit(model, task, compressor: Compressor, epochs: int, lr: float, cfg: DictCo
         cfg.trainer,
         max_epochs=epochs,
         logger=logger if logger is not None else False,
-        callbacks=[timer],
-        enable_checkpointing=False,
+        callbacks=callbacks,
+        enable_checkpointing=checkpoint is not None,
         default_root_dir=cfg.paths.output_dir,
     )
     log.info("%s: %d epochs", tag, epochs)
     t0 = time.perf_counter()
-    trainer.fit(lit, datamodule=task)
+    trainer.fit(lit, datamodule=task, ckpt_path=ckpt_path, weights_only=True)
     return Fit(time.perf_counter() - t0, timer.step_ms, int(trainer.global_step))
 
 
@@ -100,22 +120,65 @@ class Reference:
 
 
 def cached_training(cache_file: Path | None, train_fn) -> Reference:
-    """Load a trained model from the cache, or train it and cache it (atomically)."""
-    if cache_file is not None and cache_file.is_file():
-        try:
-            state = load_state_file(cache_file)
-            import json
+    """Load a trained model from the cache, or train it and cache it.
 
-            meta = json.loads(cache_file.with_suffix(".json").read_text())
-            log.info("loaded cached model %s", cache_file.name)
-            return Reference(state, meta["metrics"], meta.get("step_ms"))
-        except Exception as e:  # a truncated or tampered cache is rebuilt, never used
-            log.warning("cache %s unreadable (%s): rebuilding", cache_file, e)
-    ref = train_fn()
-    if cache_file is not None:
-        save_state(cache_file, ref.state)
-        atomic_write_json(cache_file.with_suffix(".json"), {"metrics": ref.metrics, "step_ms": ref.step_ms, "version": CACHE_VERSION})
+    The cache is checked and written under ``<file>.lock`` (``flock``), so jobs that need
+    the same model at once train it once: the others wait, then load it. The file is
+    written atomically and its sha256 kept in the sidecar ``.json``; it is verified before
+    the file is parsed, so a truncated or tampered cache is rebuilt, never used. In a
+    multi-device run rank 0 checks, loads and writes; every rank takes its decision
+    (all ranks train together on a miss) and its weights.
+    """
+    lead = cache_file is not None and is_global_zero()
+    with cache_lock(cache_file) if lead else nullcontext():
+        ref = load_cached(cache_file) if lead else None
+        if broadcast_object(ref is not None):
+            return broadcast_object(ref)
+        ref = train_fn()
+        if lead:
+            save_state(cache_file, ref.state)
+            meta = {"metrics": ref.metrics, "step_ms": ref.step_ms, "version": CACHE_VERSION, "sha256": file_sha256(cache_file)}
+            atomic_write_json(cache_file.with_suffix(".json"), meta)
+        barrier()
     return ref
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_cached(cache_file: Path) -> Reference | None:
+    """The cached model if its weights file matches the sha256 in its sidecar, else None."""
+    if not cache_file.is_file():
+        return None
+    try:
+        meta = json.loads(cache_file.with_suffix(".json").read_text())
+        digest = file_sha256(cache_file)
+        if digest != meta.get("sha256"):
+            raise ValueError(f"sha256 {digest[:12]} does not match the recorded {str(meta.get('sha256'))[:12]}")
+        state = load_state_file(cache_file)
+        log.info("loaded cached model %s", cache_file.name)
+        return Reference(state, meta["metrics"], meta.get("step_ms"))
+    except Exception as e:  # a truncated, tampered or half-written cache is rebuilt, never used
+        log.warning("cache %s failed its integrity check (%s): rebuilding", cache_file.name, e)
+        return None
+
+
+@contextmanager
+def cache_lock(cache_file: Path) -> Iterator[None]:
+    """Exclusive ``flock`` on ``<cache_file>.lock`` (released when the process dies)."""
+    lock = cache_file.with_name(cache_file.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def dense_key(cfg: DictConfig) -> dict:
@@ -162,8 +225,8 @@ def run(cfg: DictConfig) -> dict:
     # 2. dense reference: trained once and cached (or loaded from pretrained / checkpoint)
     def train_dense() -> Reference:
         dense_model = new_model()
-        fitted = fit(dense_model, task, Compressor(), cfg.dense.epochs, cfg.dense.lr, cfg, tag="dense reference")
-        return Reference(dense_model.state_dict(), task.evaluate(dense_model), fitted.step_ms)
+        fitted = fit(dense_model, task, Compressor(), cfg.dense.epochs, cfg.dense.lr, cfg, tag="dense reference", checkpoint="dense")
+        return Reference(dense_model.state_dict(), task.evaluate(dense_model) if is_global_zero() else {}, fitted.step_ms)
 
     key = dense_key(cfg)
     dense = cached_training(cache_path(cfg, "dense", key), train_dense)
@@ -173,8 +236,8 @@ def run(cfg: DictConfig) -> dict:
     def train_dense_ft() -> Reference:
         ft_model = new_model()
         ft_model.load_state_dict(dense.state)
-        fitted = fit(ft_model, task, Compressor(), epochs, cfg.finetune.lr, cfg, tag="dense fine-tune control")
-        return Reference(ft_model.state_dict(), task.evaluate(ft_model), fitted.step_ms)
+        fitted = fit(ft_model, task, Compressor(), epochs, cfg.finetune.lr, cfg, tag="dense fine-tune control", checkpoint="dense_ft")
+        return Reference(ft_model.state_dict(), task.evaluate(ft_model) if is_global_zero() else {}, fitted.step_ms)
 
     if cfg.control.dense_ft and epochs > 0:
         ft_key = {**key, "finetune": OmegaConf.to_container(cfg.finetune, resolve=True), "finetune_epochs": epochs, "scheduler": OmegaConf.to_container(cfg.scheduler, resolve=True)}
@@ -186,7 +249,9 @@ def run(cfg: DictConfig) -> dict:
     targets = target_names(model, compressor.compress_first, compressor.compress_classifier)
     references = {n: model.get_submodule(n).weight.detach().clone() for n in targets}
     model = compressor.prepare(model, targets)
-    fitted = fit(model, task, compressor, epochs, cfg.finetune.lr, cfg, logger=logger, tag=f"{method_name} fine-tune")
+    fitted = fit(model, task, compressor, epochs, cfg.finetune.lr, cfg, logger=logger, tag=f"{method_name} fine-tune", checkpoint="compress")
+    if not is_global_zero():
+        return {}  # other ranks of a multi-device run stop here: finalize, measure and record happen once, on rank 0
     calib = task.calib_batches(n_calib, getattr(compressor, "calib_passes", 1)) if n_calib else None
     model = compressor.finalize(model, calib)
     model.eval()
@@ -231,6 +296,7 @@ def run(cfg: DictConfig) -> dict:
     # 6. record
     save_state(out_dir / "finalized.safetensors", model.state_dict(), metadata={"method": method_name, "model": cfg.model.name})
     atomic_write_json(out_dir / "results.json", results)
+    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # resume points are kept only until the run is recorded
     if logger is not None:
         log_results(logger, cfg, results)
     print_summary(results)
@@ -260,6 +326,7 @@ def log_results(logger, cfg: DictConfig, results: dict) -> None:
         import wandb
 
         experiment.summary.update({k: v for k, v in flat.items() if v is not None})
+        experiment.tags = tuple(experiment.tags or ()) + (results["setting"],)
         if results["layers"]:
             cols = list(results["layers"][0].keys())
             experiment.log({"layers": wandb.Table(columns=cols, data=[[str(r.get(c)) if isinstance(r.get(c), list) else r.get(c) for c in cols] for r in results["layers"]])})

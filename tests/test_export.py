@@ -1,0 +1,460 @@
+"""Packed export: bit streams, N:M ranks, run length, exact round trips, measured size, bad files, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save
+
+from slope_bench import export
+from slope_bench.export import (
+    PACKED_NAME,
+    PackedFormatError,
+    decode_tensor,
+    dense_bytes,
+    encode_tensor,
+    export_packed,
+    load_packed,
+    nm_rank,
+    nm_unrank,
+    pack_bits,
+    pack_state,
+    positive_zeros,
+    rle_decode,
+    rle_encode,
+    rle_width,
+    same_bits,
+    unpack_bits,
+    write_packed,
+)
+from slope_bench.methods.base import LayerSpec
+from slope_bench.metrics import account_tensor, measure, run_length_bits
+from slope_bench.models import resnet18, target_names
+from slope_bench.quant import UniformGrid, fp16_exact, grouped, harden, rtn_step
+from slope_bench.sparsity import NM, Unstructured, nm_mask, satisfies_nm
+from slope_bench.utils import save_state
+from tests.conftest import METHODS
+from tests.methods.test_all_methods import Toy, method_compressor
+
+NM_PATTERNS = [NM(1, 4), NM(2, 4), NM(2, 8), NM(4, 8)]
+
+
+def round_trip(weight: torch.Tensor, spec: LayerSpec) -> dict:
+    """Encode, decode, check bit-exactness; returns the description."""
+    desc, parts = encode_tensor("w", weight, spec)
+    json.dumps(desc)  # the description is plain JSON
+    assert same_bits(decode_tensor("w", desc, parts), weight)
+    return desc
+
+
+def check_size(weight: torch.Tensor, spec: LayerSpec, desc: dict) -> None:
+    """Packed size = accounted size up to byte rounding of each stream, plus the level map
+    when the tensor uses more levels than ``2^bits`` (each group fewer: the accounting's
+    per-group level count is optimistic there, and the header says so)."""
+    _, parts = encode_tensor("w", weight, spec)
+    extra = 8 * parts["levelmap"].numel() if "levelmap" in parts else 0
+    assert (desc["fallback"] is None) == (extra == 0)
+    overhead = 8 * sum(p.numel() * p.element_size() for p in parts.values()) - account_tensor("w", weight, spec).total_bits
+    assert 0 <= overhead - extra < 8 * len(parts)
+
+
+def uniform(
+    weight: torch.Tensor, bits: int, pattern: NM | None = None, density: float | None = None, seed: int = 0
+) -> tuple[torch.Tensor, LayerSpec]:
+    """A ``quant.harden`` tensor (+ N:M or a random unstructured mask) and its spec."""
+    grid = UniformGrid(bits)
+    mask = None
+    if pattern is not None:
+        mask = nm_mask(weight, pattern)
+    elif density is not None:
+        mask = torch.rand(weight.shape, generator=torch.Generator().manual_seed(seed)) < density
+    kept = weight * mask if mask is not None else weight
+    out = positive_zeros(harden(kept, rtn_step(kept, grid), grid, mask))
+    spec = LayerSpec(pattern if pattern is not None else Unstructured(), "uniform", bits, "channel", grouped(weight, grid).shape[0])
+    return out, spec
+
+
+# ---------------------------------------------------------------------------- bit streams
+@pytest.mark.parametrize("bits", [*range(1, 9), 11, 16, 24, 32])
+@pytest.mark.parametrize("count", [0, 1, 7, 13, 1001])
+def test_pack_unpack_round_trip(bits, count):
+    codes = torch.randint(0, 1 << bits, (count,), generator=torch.Generator().manual_seed(bits * count), dtype=torch.int64)
+    data = pack_bits(codes, bits)
+    assert data.dtype == torch.uint8 and data.numel() == math.ceil(count * bits / 8)
+    assert torch.equal(unpack_bits(data, bits, count), codes)
+
+
+def test_pack_layout_is_little_endian_lsb_first():
+    assert pack_bits(torch.tensor([1, 2, 3]), 3).tolist() == [0b11010001, 0b0]
+    assert pack_bits(torch.tensor([0xABC]), 12).tolist() == [0xBC, 0x0A]
+
+
+def test_pack_spans_blocks(monkeypatch):
+    monkeypatch.setattr(export, "CHUNK", 16)
+    codes = torch.randint(0, 32, (101,), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(unpack_bits(pack_bits(codes, 5), 5, 101), codes)
+
+
+def test_pack_rejects_bad_codes():
+    with pytest.raises(ValueError, match="codes must lie"):
+        pack_bits(torch.tensor([8]), 3)
+    with pytest.raises(ValueError, match="codes must lie"):
+        pack_bits(torch.tensor([-1]), 3)
+    with pytest.raises(ValueError, match="need 2 bytes"):
+        unpack_bits(torch.zeros(1, dtype=torch.uint8), 3, 5)
+
+
+# ---------------------------------------------------------------------------- N:M ranks
+@pytest.mark.parametrize("pattern", NM_PATTERNS, ids=str)
+def test_nm_rank_is_a_bijection(pattern):
+    n, m = pattern.n, pattern.m
+    every = (torch.arange(1 << m)[:, None] >> torch.arange(m)) & 1
+    keep = every[every.sum(1) == n].bool()
+    ranks = nm_rank(keep)
+    assert sorted(ranks.tolist()) == list(range(math.comb(m, n)))
+    assert math.ceil(math.log2(math.comb(m, n))) == pattern.index_bits
+    assert torch.equal(nm_unrank(ranks, n, m), keep)
+
+
+@pytest.mark.parametrize("pattern", NM_PATTERNS, ids=str)
+def test_nm_rank_round_trip_random(pattern):
+    score = torch.randn(37, pattern.m, generator=torch.Generator().manual_seed(3))
+    keep = nm_mask(score, pattern)
+    assert torch.equal(nm_unrank(nm_rank(keep), pattern.n, pattern.m), keep)
+    with pytest.raises(ValueError, match="ranks must lie"):
+        nm_unrank(torch.tensor([math.comb(pattern.m, pattern.n)]), pattern.n, pattern.m)
+
+
+# ---------------------------------------------------------------------------- run length
+@pytest.mark.parametrize("density", [0.0, 0.002, 0.05, 0.3, 0.9, 1.0])
+def test_rle_round_trip_and_cost(density):
+    nonzero = torch.rand(5003, generator=torch.Generator().manual_seed(7)) < density
+    width, cost = rle_width(nonzero, 4)
+    assert cost == run_length_bits(nonzero, 4)
+    for r in (1, 3, width, 16):
+        gaps, positions = rle_encode(nonzero, r)
+        assert bool((gaps < 1 << r).all())
+        assert torch.equal(rle_decode(gaps), positions)
+        rebuilt = torch.zeros_like(nonzero)
+        rebuilt[positions] = True
+        assert torch.equal(rebuilt | ~nonzero, torch.ones_like(nonzero))  # every nonzero has an entry
+        assert bool((~nonzero[positions]).sum() == positions.numel() - nonzero.sum())  # the rest are fillers on zeros
+
+
+# ---------------------------------------------------------------------------- one tensor
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("pattern", NM_PATTERNS, ids=str)
+def test_nm_uniform_tensor_round_trip(bits, pattern):
+    weight = torch.randn(6, 16, 3, 3, generator=torch.Generator().manual_seed(bits))
+    out, spec = uniform(weight, bits, pattern)
+    desc = round_trip(out, spec)
+    assert desc["structure"] == "nm" and desc["values"] == "uniform"
+    assert desc["bits"] == account_tensor("w", out, spec).w_bits
+    check_size(out, spec, desc)
+    if bits <= 4:
+        assert desc["fallback"] is None  # rows of 144 use every level of a small grid
+
+
+@pytest.mark.parametrize("order", ["input", "channel_major"])
+def test_nm_order_and_underfull_groups(order):
+    pattern = NM(2, 4, order)
+    weight = torch.randn(5, 8, 3, 3, generator=torch.Generator().manual_seed(0))
+    out, spec = uniform(weight, 3, pattern)
+    out[0, :4] = 0.0  # groups holding fewer than n nonzeros
+    assert satisfies_nm(out, pattern)
+    desc = round_trip(out, spec)
+    assert desc["structure"] == "nm" and desc["order"] == order
+
+
+@pytest.mark.parametrize("density", [0.02, 0.2, 0.6, 0.97, 1.0])
+@pytest.mark.parametrize("shape", [(7, 13), (3, 5, 3, 3), (11,)])
+def test_unstructured_tensor_round_trip_matches_accounting(density, shape):
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape)))
+    out, spec = uniform(weight, 4, density=density)
+    desc = round_trip(out, spec)
+    account = account_tensor("w", out, spec)
+    expected = {"dense": "dense"}.get(account.pattern, "mask" if account.index_bits else "rle")
+    assert desc["structure"] == expected and desc["bits"] == account.w_bits
+    check_size(out, spec, desc)
+
+
+def test_all_zero_tensors():
+    for weight in (torch.zeros(4, 9), torch.zeros(1, 1)):
+        spec = LayerSpec(Unstructured(), "uniform", 4, "channel", weight.shape[0])
+        round_trip(weight, spec)
+
+
+def test_group_granularity_found_from_declared_scales():
+    """SLOPE declares ``granularity="group"`` without ``group_size``: levels are counted
+    per row, the scales are found per group of ``numel / scale_values``."""
+    grid = UniformGrid(4, granularity="group", group_size=8)
+    weight = torch.randn(4, 32, generator=torch.Generator().manual_seed(2))
+    out = harden(weight, rtn_step(weight, grid), grid)
+    spec = LayerSpec(None, "uniform", 4, "group", 16)
+    desc = round_trip(out, spec)
+    assert desc["values"] == "uniform" and desc["group_len"] == 8
+
+
+def test_asymmetric_levels_use_an_alphabet_or_offsets():
+    """``(q − z)·s`` per row (OBC's asymmetric grid) is exact with per-row integer offsets."""
+    generator = torch.Generator().manual_seed(4)
+    scale = fp16_exact(torch.rand(6, 1, generator=generator) * 0.1 + 0.01)
+    zero = torch.randint(0, 16, (6, 1), generator=generator).float()
+    q = torch.randint(0, 16, (6, 40), generator=generator).float()
+    out = (q - zero) * scale
+    desc = round_trip(out, LayerSpec(None, "uniform", 4, "channel", 12))
+    assert desc["values"] == "uniform"
+    assert desc["levels"] in ("alphabet", "offsets") and desc["fallback"] is None  # offsets are declared (2 values per row)
+
+
+def test_deadzone_form_round_trip():
+    """CoDeQ's ``ŵ = s16·q + δ16·sign(q)`` with a dead zone of exact zeros."""
+    weight = torch.randn(16, 9, 3, 3, generator=torch.Generator().manual_seed(5))
+    step, offset = fp16_exact(torch.tensor(0.0371)), fp16_exact(torch.tensor(0.4123))
+    q = torch.clamp(torch.round(torch.sign(weight) * torch.relu(weight.abs() - offset) / step), -7, 7)
+    out = step * q + offset * torch.sign(q)
+    spec = LayerSpec(Unstructured(), "deadzone", 4, "tensor", 2)
+    desc = round_trip(out, spec)
+    assert desc["values"] == "deadzone" and desc["fallback"] is None
+    check_size(out, spec, desc)
+
+
+def test_codebook_form_round_trip():
+    """SQS: every weight one of K fp16-exact means, pruned weights exactly zero."""
+    generator = torch.Generator().manual_seed(6)
+    means = fp16_exact(torch.tensor([-0.31, -0.07, 0.05, 0.29]))
+    index = torch.randint(0, 4, (32, 50), generator=generator)
+    keep = torch.rand(32, 50, generator=generator) < 0.3
+    out = positive_zeros(means[index] * keep)
+    spec = LayerSpec(Unstructured(), "codebook", 2, "tensor", 4)
+    desc = round_trip(out, spec)
+    assert desc["values"] == "codebook" and desc["codebook_size"] == 4 and desc["fallback"] is None
+    check_size(out, spec, desc)
+
+
+def test_float_values_are_stored_raw():
+    weight = torch.randn(8, 64, generator=torch.Generator().manual_seed(7))
+    out = weight * nm_mask(weight, NM(2, 4))
+    desc = round_trip(out, LayerSpec(NM(2, 4), "float", None))
+    assert desc["values"] == "raw" and desc["bits"] == 32
+
+
+def test_undeclared_form_falls_back_exactly():
+    """Values that no float16 scale explains: exact per-group table, recorded in the header."""
+    generator = torch.Generator().manual_seed(8)
+    levels = torch.randn(5, 6, generator=generator)
+    out = torch.gather(levels, 1, torch.randint(0, 6, (5, 40), generator=generator))
+    for spec in (
+        LayerSpec(None, "uniform", 3, "channel", 5),
+        LayerSpec(None, "codebook", 3, "tensor", 6),
+        LayerSpec(None, "deadzone", 3, "tensor", 2),
+    ):
+        desc = round_trip(out, spec)
+        assert desc["values"] in ("table", "raw") and desc["fallback"]
+
+
+def test_negative_zeros_are_restored():
+    weight = torch.randn(6, 16, generator=torch.Generator().manual_seed(9))
+    grid = UniformGrid(4)
+    mask = nm_mask(weight, NM(2, 4))
+    out = harden(weight * mask, rtn_step(weight * mask, grid), grid, mask)  # -0.0 where a negative weight was pruned
+    assert bool((torch.signbit(out) & (out == 0)).any())
+    spec = LayerSpec(NM(2, 4), "uniform", 4, "channel", 6)
+    assert round_trip(out, spec)["negative_zeros"] == "bitmask"
+    assert round_trip(-positive_zeros(out).abs(), spec)["negative_zeros"] in ("all", "none")
+    assert round_trip(positive_zeros(out), spec)["negative_zeros"] == "none"
+
+
+# ---------------------------------------------------------------------------- whole model
+@pytest.fixture(scope="module")
+def hardened_resnet():
+    """resnet18 width 16, every conv hardened at 2:4 w4 (zeros made +0.0 as the pipeline does)."""
+    torch.manual_seed(0)
+    model = resnet18(10, 3, 8, width=16)
+    pattern = NM(2, 4)
+    specs = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Conv2d) and pattern.applies_to(module.weight):
+            out, specs[name] = uniform(module.weight.detach(), 4, pattern)
+            module.weight.data.copy_(out)
+    return model, specs
+
+
+def test_model_round_trip_and_size_matches_accounting(hardened_resnet, tmp_path):
+    model, specs = hardened_resnet
+    state = model.state_dict()
+    path = tmp_path / PACKED_NAME
+    written = write_packed(state, specs, path)
+    assert written == path.stat().st_size
+    loaded = load_packed(path)
+    assert list(loaded) == list(state)
+    assert all(same_bits(loaded[k], state[k]) for k in state)
+    data = path.read_bytes()
+    header = 8 + int.from_bytes(data[:8], "little")
+    accounted = measure(model, specs, torch.randn(1, 3, 8, 8))["compress/compressed_bits"] / 8
+    assert abs((written - header) - accounted) / accounted < 0.02
+    assert dense_bytes(state) > 5 * (written - header)
+
+
+def test_export_packed_keys(hardened_resnet, tmp_path):
+    model, specs = hardened_resnet
+    out = export_packed(model.state_dict(), specs, tmp_path)
+    assert set(out) == {"compress/packed_bytes", "compress/dense_bytes", "compress/measured_ratio"}
+    assert out["compress/packed_bytes"] == (tmp_path / PACKED_NAME).stat().st_size
+    assert out["compress/dense_bytes"] == len(save({k: v.contiguous() for k, v in model.state_dict().items()}))
+    assert out["compress/measured_ratio"] == pytest.approx(out["compress/dense_bytes"] / out["compress/packed_bytes"])
+
+
+# ---------------------------------------------------------------------------- bad files
+@pytest.fixture
+def small_file(tmp_path):
+    weight = torch.randn(8, 16, generator=torch.Generator().manual_seed(10))
+    out, spec = uniform(weight, 4, NM(2, 4))
+    state = {"layer.weight": out, "layer.bias": torch.randn(8), "steps": torch.tensor(3)}
+    path = tmp_path / PACKED_NAME
+    write_packed(state, {"layer": spec}, path)
+    return path, state, {"layer": spec}
+
+
+def rewrite_metadata(path, change):
+    """Re-save the file with its metadata edited by ``change(meta)``."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    change(meta, tensors)
+    path.write_bytes(save(tensors, metadata=meta))
+
+
+def test_truncated_file_is_rejected(small_file):
+    path, _, _ = small_file
+    data = path.read_bytes()
+    for cut in (4, 100, len(data) - 3):
+        path.write_bytes(data[:cut])
+        with pytest.raises(PackedFormatError, match="truncated|unreadable"):
+            load_packed(path)
+
+
+def test_wrong_version_and_format_are_rejected(small_file):
+    path, _, _ = small_file
+    rewrite_metadata(path, lambda meta, _: meta.update(version="2"))
+    with pytest.raises(PackedFormatError, match="version '2' is not supported"):
+        load_packed(path)
+    rewrite_metadata(path, lambda meta, _: meta.update(format="other"))
+    with pytest.raises(PackedFormatError, match="not a slope_bench.packed file"):
+        load_packed(path)
+    path.write_bytes(save({"a": torch.ones(2)}))
+    with pytest.raises(PackedFormatError, match="not a slope_bench.packed file"):
+        load_packed(path)
+
+
+def edit_description(key, **fields):
+    def change(meta, _):
+        tensors = json.loads(meta["tensors"])
+        tensors[key].update(fields)
+        meta["tensors"] = json.dumps(tensors)
+
+    return change
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        edit_description("layer.weight", shape=[8, 32]),
+        edit_description("layer.weight", bits=5),
+        edit_description("layer.weight", count=63),
+        edit_description("layer.weight", nnz=3),
+        lambda meta, tensors: tensors.pop("layer.weight::scales"),
+        lambda meta, tensors: tensors.update({"extra": torch.ones(1)}),
+        lambda meta, tensors: tensors.update({"layer.weight::scales": torch.ones(9, dtype=torch.float16)}),
+        lambda meta, tensors: meta.update(keys=json.dumps(["layer.bias", "steps"])),
+    ],
+    ids=["shape", "bits", "count", "nnz", "missing-part", "extra-tensor", "part-size", "keys"],
+)
+def test_header_disagreeing_with_tensors_is_rejected(small_file, change):
+    path, _, _ = small_file
+    rewrite_metadata(path, change)
+    with pytest.raises(PackedFormatError) as info:
+        load_packed(path)
+    assert "\n" not in str(info.value)
+
+
+def test_corrupted_data_is_rejected(small_file):
+    path, _, _ = small_file
+
+    def flip(meta, tensors):
+        codes = tensors["layer.weight::codes"]
+        codes[0] ^= 0x10
+
+    rewrite_metadata(path, flip)
+    with pytest.raises(PackedFormatError, match="SHA-256"):
+        load_packed(path)
+
+
+def test_writer_refuses_bad_input():
+    with pytest.raises(KeyError, match="no 'missing.weight'"):
+        pack_state({"a": torch.ones(2)}, {"missing": LayerSpec(None, "float", None)})
+    with pytest.raises(ValueError, match="reserved"):
+        pack_state({"a::b": torch.ones(2)}, {})
+
+
+# ---------------------------------------------------------------------------- command line
+def test_verify_cli(small_file, capsys):
+    path, state, _ = small_file
+    run_dir = path.parent
+    save_state(run_dir / "finalized.safetensors", state, metadata={"method": "test"})
+    assert export.main(["verify", str(run_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "measured ratio" in printed and "identical" in printed
+    tampered = dict(state, **{"layer.bias": state["layer.bias"] + 1})
+    save_state(run_dir / "finalized.safetensors", tampered)
+    assert export.main(["verify", str(run_dir)]) == 1
+    assert "differs: layer.bias" in capsys.readouterr().err
+    path.write_bytes(path.read_bytes()[:-5])
+    assert export.main(["verify", str(run_dir)]) == 1
+    assert export.main(["verify", str(run_dir / "nowhere")]) == 2
+
+
+def test_verify_module_entry_point(small_file):
+    path, state, _ = small_file
+    save_state(path.parent / "finalized.safetensors", state)
+    done = subprocess.run(
+        [sys.executable, "-m", "slope_bench.export", "verify", str(path.parent)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "measured ratio" in done.stdout
+
+
+def test_unique_integers_matches_torch_unique():
+    for values in (torch.randint(-40, 40, (999,)), torch.tensor([5, 1 << 40, -3]), torch.zeros(0, dtype=torch.int64)):
+        got, want = export.unique_integers(values), torch.unique(values, return_inverse=True)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+# ---------------------------------------------------------------------------- every method
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_packs_exactly_in_its_declared_form(method):
+    """prepare → finalize (no training) on the toy model; the packed file reproduces the
+    finalized state and stores each tensor in the form its spec declares."""
+    torch.manual_seed(0)
+    _, _, compressor = method_compressor(method)
+    compressor.num_train = 64
+    model = Toy()
+    model = compressor.prepare(model, target_names(model, compressor.compress_first, compressor.compress_classifier))
+    model = compressor.finalize(model, [torch.randn(16, 3, 8, 8) for _ in range(4)])
+    state = model.state_dict()
+    data = pack_state(state, compressor.specs)
+    descriptions = json.loads(export.read_metadata(data, method)["tensors"])
+    expected = {"uniform": "uniform", "deadzone": "deadzone", "codebook": "codebook", "float": "raw"}
+    for name, spec in compressor.specs.items():
+        desc = descriptions[f"{name}.weight"]
+        assert desc["values"] in (expected[spec.grid], "raw"), f"{name}: {desc['fallback']}"
+        assert desc["values"] != "raw" or desc["bits"] == 32
+    loaded = export.load_bytes(data)
+    assert all(same_bits(loaded[k], state[k]) for k in state)

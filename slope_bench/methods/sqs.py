@@ -282,17 +282,54 @@ def _chunk(k: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(k, 1))
 
 
-def _neighbour_posterior(flat: torch.Tensor, plan: NeighbourPlan) -> tuple[torch.Tensor, torch.Tensor]:
-    """Component indices ``(n, 3)`` (left, top, right) and their posterior ``r`` ``(n, 3)``."""
+def _neighbour_forward(flat: torch.Tensor, plan: NeighbourPlan, means: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Fast-path read-out: ``(value, bucket, e_left, e_right)``.
+
+    ``e_left``, ``e_right`` are ``exp`` of the neighbours' logits relative to the top
+    one, so ``r = (e_left, 1, e_right) / (1 + e_left + e_right)``.
+    """
     bucket = torch.bucketize(flat, plan.breaks.to(device=flat.device, dtype=flat.dtype).contiguous())
     lines = torch.stack([plan.left_slope, plan.left_break, plan.right_slope, plan.right_break], 1)
     row = lines.to(device=flat.device, dtype=flat.dtype).index_select(0, bucket)
-    left = torch.exp(row[:, 0] * (flat - row[:, 1]))
-    right = torch.exp(row[:, 2] * (flat - row[:, 3]))
-    total = 1 + left + right
-    posterior = torch.stack([left / total, 1 / total, right / total], 1)
-    index = torch.stack([plan.left, plan.top, plan.right], 1).to(flat.device).index_select(0, bucket)
-    return index, posterior
+    e_left = torch.exp(row[:, 0] * (flat - row[:, 1]))
+    e_right = torch.exp(row[:, 2] * (flat - row[:, 3]))
+    mu = _candidate_means(plan, means).index_select(0, bucket)
+    value = (e_left * mu[:, 0] + mu[:, 1] + e_right * mu[:, 2]) / (1 + e_left + e_right)
+    return value, bucket, e_left, e_right
+
+
+def _candidate_means(plan: NeighbourPlan, means: torch.Tensor) -> torch.Tensor:
+    """``(buckets, 3)`` means of the left / top / right components (0 where missing)."""
+    padded = torch.cat([means, means.new_zeros(1)])
+    return padded[torch.stack([plan.left, plan.top, plan.right], 1).to(means.device)]
+
+
+def _neighbour_backward(
+    flat: torch.Tensor,
+    grad: torch.Tensor,
+    saved: tuple[torch.Tensor, ...],
+    plan: NeighbourPlan,
+    means: torch.Tensor,
+    temperature: float,
+    variance: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fast-path ``(∂L/∂μ, ∂L/∂log π)``: sums per bucket, then per component."""
+    bucket, e_left, e_right = saved
+    k, buckets = means.numel(), plan.top.numel()
+    mu = _candidate_means(plan, means).index_select(0, bucket)
+    total = 1 + e_left + e_right
+    posterior = (e_left / total, 1 / total, e_right / total)
+    value = (posterior[0] * mu[:, 0] + posterior[1] * mu[:, 1] + posterior[2] * mu[:, 2]).detach()
+    components = torch.stack([plan.left, plan.top, plan.right], 1).to(means.device)
+    grad_means = means.new_zeros(k + 1)
+    grad_log_mixing = means.new_zeros(k + 1)
+    for c in range(3):
+        weighted = grad * posterior[c]
+        d_joint = weighted * (mu[:, c] - value) / temperature
+        per_mean = weighted + d_joint * (flat - mu[:, c]) / variance
+        grad_means.index_add_(0, components[:, c], torch.bincount(bucket, per_mean, minlength=buckets).to(means.dtype))
+        grad_log_mixing.index_add_(0, components[:, c], torch.bincount(bucket, d_joint, minlength=buckets).to(means.dtype))
+    return grad_means[:k], grad_log_mixing[:k]
 
 
 class _MixtureReadout(torch.autograd.Function):
@@ -305,8 +342,9 @@ class _MixtureReadout(torch.autograd.Function):
     through ``log_softmax`` to the mixing logits.
 
     Fast path: when :func:`neighbour_plan` finds that only the top component and its two
-    envelope neighbours carry posterior mass (to ``e^-20``, below float32 resolution), ``r`` is computed over those
-    three per weight (``O(n)``); otherwise over all ``K`` in chunks.
+    envelope neighbours carry posterior mass (to ``e^-20``, below float32 resolution),
+    ``r`` is computed over those three per weight (``O(n)``) and the sums over weights
+    are taken per envelope bucket; otherwise over all ``K`` in chunks.
     """
 
     @staticmethod
@@ -314,22 +352,22 @@ class _MixtureReadout(torch.autograd.Function):
         flat = weight.detach().reshape(-1)
         mu = means.detach()
         plan = neighbour_plan(*mixture_lines(mu, mixing_logits, float(std), temperature)) if use_plan else None
+        saved: tuple[torch.Tensor, ...] = ()
         if plan is not None:
-            index, posterior = _neighbour_posterior(flat, plan)
-            out = (posterior * _padded(mu)[index]).sum(1)
+            out, *saved = _neighbour_forward(flat, plan, mu)
         else:
             log_mixing = torch.log_softmax(mixing_logits.detach(), 0)
             out = torch.empty_like(flat)
             step = _chunk(mu.numel())
             for s in range(0, flat.numel(), step):
                 out[s : s + step] = torch.softmax(component_logits(flat[s : s + step], mu, log_mixing, std, temperature), 1) @ mu
-        ctx.save_for_backward(flat, mu, mixing_logits.detach(), std)
+        ctx.save_for_backward(flat, mu, mixing_logits.detach(), std, *saved)
         ctx.temperature, ctx.plan = temperature, plan
         return out.reshape(weight.shape)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        flat, mu, mixing_logits, std = ctx.saved_tensors
+        flat, mu, mixing_logits, std, *saved = ctx.saved_tensors
         temperature, plan = ctx.temperature, ctx.plan
         g = grad.reshape(-1)
         grad_means = grad_mixing = None
@@ -338,14 +376,7 @@ class _MixtureReadout(torch.autograd.Function):
             log_mixing = torch.log_softmax(mixing_logits, 0)
             variance = std**2
             if plan is not None:
-                index, r = _neighbour_posterior(flat, plan)
-                mu_c = _padded(mu)[index]
-                value = (r * mu_c).sum(1, keepdim=True)
-                gc = g.reshape(-1, 1)
-                d_joint = gc * r * (mu_c - value) / temperature
-                per_mean = gc * r + d_joint * (flat.reshape(-1, 1) - mu_c) / variance
-                grad_means = torch.bincount(index.reshape(-1), per_mean.reshape(-1), minlength=k + 1)[:k].to(mu.dtype)
-                grad_log_mixing = torch.bincount(index.reshape(-1), d_joint.reshape(-1), minlength=k + 1)[:k].to(mu.dtype)
+                grad_means, grad_log_mixing = _neighbour_backward(flat, g, tuple(saved), plan, mu, temperature, variance)
             else:
                 grad_means = torch.zeros_like(mu)
                 grad_log_mixing = torch.zeros_like(mu)
@@ -360,11 +391,6 @@ class _MixtureReadout(torch.autograd.Function):
             grad_mixing = grad_log_mixing - log_mixing.exp() * grad_log_mixing.sum()
         grad_weight = grad if ctx.needs_input_grad[0] else None
         return grad_weight, grad_means, grad_mixing, None, None, None
-
-
-def _padded(means: torch.Tensor) -> torch.Tensor:
-    """``means`` with a trailing 0 for the "missing neighbour" index ``K``."""
-    return torch.cat([means, means.new_zeros(1)])
 
 
 def mixture_readout(
@@ -504,6 +530,7 @@ class MixtureGateWeight(CompressedWeight):
         self.assign_temperature = assign_temperature
         self.hard_gates = False
         self.last_readout: torch.Tensor | None = None
+        self.kept_gate_sum: float | None = None  # Σ γ over kept weights at the last penalty
 
     @property
     def components(self) -> int:
@@ -536,8 +563,11 @@ class MixtureGateWeight(CompressedWeight):
         """``Σ_j KL(Bern(γ_j) ‖ Bern(λ))`` over kept gates (0 once gates are read out)."""
         if self.hard_gates:
             return self.gate_logits.new_zeros(())
-        kl = bernoulli_kl(self.gate_logits / self.gate_temperature, prior_keep)
-        return (kl * self.mask.to(kl.dtype)).sum()
+        logits = self.gate_logits / self.gate_temperature
+        kept = self.mask.to(logits.dtype)
+        with torch.no_grad():
+            self.kept_gate_sum = float((torch.sigmoid(logits) * kept).sum())
+        return (bernoulli_kl(logits, prior_keep) * kept).sum()
 
     @torch.no_grad()
     def export_means(self) -> torch.Tensor:
@@ -752,7 +782,9 @@ class Sqs(Compressor):
         if not self.layers:
             return {}
         with torch.no_grad():
-            kept = sum(float(p.keep_probability()[p.mask].sum()) for p in self.layers.values())
+            kept = sum(
+                p.kept_gate_sum if p.kept_gate_sum is not None else float(p.keep_probability()[p.mask].sum()) for p in self.layers.values()
+            )
             count = sum(int(p.mask.sum()) for p in self.layers.values())
         return {"sparsity_target": self.current_sparsity, "gate_mean_kept": kept / max(count, 1)}
 

@@ -3,7 +3,12 @@
 Bad group choices (``method=foo``) and unknown keys (``method.foo=1``) are caught
 before Hydra starts, bad values (``method.w_bits=9``) when the run instantiates its
 objects: in both cases one line on stderr naming the key and what is allowed, exit
-code 2, and no ``results.json``.
+code 2, and no ``results.json``. A run that fails later (a diverged loss, a crash)
+leaves ``results.json`` with ``status: failed`` and its error; a diverged single run
+prints one line and exits 1. In a multirun a failed job is recorded and the others go on.
+
+``python -m slope_bench.cli`` is the same entry point; a multi-device run uses it to
+start its other local ranks (see :func:`slope_bench.lit.process_group`).
 """
 
 from __future__ import annotations
@@ -19,9 +24,26 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 log = logging.getLogger("slope_bench")
 
 
-def fail(message: str) -> None:
+def fail(message: str, code: int = 2) -> None:
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
+
+
+def worker_command(local_rank: int) -> list[str]:
+    """argv that reruns the current Hydra job as ``local_rank`` of a multi-device run:
+    the job's own overrides (one job of a sweep, not the sweep) into the same run dir."""
+    from hydra.core.hydra_config import HydraConfig
+
+    job = HydraConfig.get()
+    return [
+        sys.executable,
+        "-m",
+        "slope_bench.cli",
+        *job.overrides.task,
+        f'hydra.run.dir="{job.runtime.output_dir}"',
+        "hydra.output_subdir=null",
+        f"hydra.job.name=rank{local_rank}",
+    ]
 
 
 def options(group: str) -> list[str]:
@@ -90,21 +112,36 @@ def main(cfg: DictConfig) -> float | tuple | None:
 
     from slope_bench import train
     from slope_bench.errors import ConfigError
+    from slope_bench.lit import DivergenceError, process_group
     from slope_bench.tasks.base import DatasetError
 
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    rank = 0
     try:
-        results = train.run(cfg)
-    except (ConfigError, DatasetError) as e:
-        if multirun:
-            train.record_failure(cfg, e)
-            return None
-        discard_empty_run_dir(cfg)
-        fail(str(e))
+        with process_group(cfg.trainer, worker_command, cwd=hydra.utils.get_original_cwd()) as rank:
+            results = train.run(cfg)
     except Exception as e:
+        if rank != 0:  # rank 0 records and reports the failure
+            print(f"error (rank {rank}): {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
+            sys.exit(1)
+        if isinstance(e, (ConfigError, DatasetError)):
+            if multirun:
+                train.record_failure(cfg, e)
+                return None
+            discard_empty_run_dir(cfg)
+            fail(str(e))
         train.record_failure(cfg, e)
         if multirun:
             log.exception("job failed; recorded as status=failed")
             return None
+        if isinstance(e, DivergenceError):
+            fail(str(e), code=1)
         raise
+    if rank != 0:
+        return None
     return train.objectives(cfg, results)
+
+
+if __name__ == "__main__":
+    precheck(sys.argv[1:])
+    main()

@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from slope_bench.errors import ConfigError
-from slope_bench.lit import LitCompress, StepTimer, barrier, broadcast_object, is_global_zero
+from slope_bench.lit import DivergenceError, LitCompress, StepTimer, barrier, broadcast_object, is_global_zero
 from slope_bench.methods.base import Compressor
 from slope_bench.metrics import measure
 from slope_bench.models import target_names
@@ -71,7 +71,17 @@ class Fit:
     steps: int
 
 
-def fit(model, task, compressor: Compressor, epochs: int, lr: float, cfg: DictConfig, logger=None, tag: str = "train", checkpoint: str | None = None) -> Fit:
+def fit(
+    model,
+    task,
+    compressor: Compressor,
+    epochs: int,
+    lr: float,
+    cfg: DictConfig,
+    logger=None,
+    tag: str = "train",
+    checkpoint: str | None = None,
+) -> Fit:
     """Train ``model`` for ``epochs`` at peak ``lr`` with the run's optimizer, schedule and trainer.
 
     With ``checkpoint`` set, ``<run dir>/checkpoints/<checkpoint>/last.ckpt`` is written
@@ -79,6 +89,7 @@ def fit(model, task, compressor: Compressor, epochs: int, lr: float, cfg: DictCo
     """
     if epochs == 0:
         return Fit(0.0, None, 0)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # a fit's randomness must not depend on which earlier fits were cache hits
     timer = StepTimer()
     callbacks: list[pl.Callback] = [timer]
     ckpt_path = None
@@ -86,7 +97,10 @@ def fit(model, task, compressor: Compressor, epochs: int, lr: float, cfg: DictCo
         from pytorch_lightning.callbacks import ModelCheckpoint
 
         folder = Path(cfg.paths.output_dir) / "checkpoints" / checkpoint
-        callbacks.append(ModelCheckpoint(dirpath=folder, save_last=True, save_top_k=0, every_n_epochs=1, save_on_train_epoch_end=True))
+        # one file, last.ckpt, replaced (atomically) after every epoch
+        callbacks.append(
+            ModelCheckpoint(folder, "last", save_top_k=1, every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False)
+        )
         if cfg.get("resume", False) and (folder / "last.ckpt").is_file():
             ckpt_path = str(folder / "last.ckpt")
             log.info("%s: resuming from %s", tag, ckpt_path)
@@ -108,7 +122,10 @@ def fit(model, task, compressor: Compressor, epochs: int, lr: float, cfg: DictCo
     )
     log.info("%s: %d epochs", tag, epochs)
     t0 = time.perf_counter()
-    trainer.fit(lit, datamodule=task, ckpt_path=ckpt_path, weights_only=True)
+    try:
+        trainer.fit(lit, datamodule=task, ckpt_path=ckpt_path, weights_only=True)
+    except DivergenceError as e:
+        raise DivergenceError(f"{tag}: {e}") from None
     return Fit(time.perf_counter() - t0, timer.step_ms, int(trainer.global_step))
 
 
@@ -248,11 +265,14 @@ def run(cfg: DictConfig) -> dict:
     # 4. compress: prepare -> fine-tune with the method's penalty/schedule -> finalize
     targets = target_names(model, compressor.compress_first, compressor.compress_classifier)
     references = {n: model.get_submodule(n).weight.detach().clone() for n in targets}
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # same state whether the dense models were trained or loaded
     model = compressor.prepare(model, targets)
-    fitted = fit(model, task, compressor, epochs, cfg.finetune.lr, cfg, logger=logger, tag=f"{method_name} fine-tune", checkpoint="compress")
+    tag = f"{method_name} fine-tune"
+    fitted = fit(model, task, compressor, epochs, cfg.finetune.lr, cfg, logger=logger, tag=tag, checkpoint="compress")
     if not is_global_zero():
         return {}  # other ranks of a multi-device run stop here: finalize, measure and record happen once, on rank 0
     calib = task.calib_batches(n_calib, getattr(compressor, "calib_passes", 1)) if n_calib else None
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # finalize's sampling does not depend on how the fit went (resumed or not)
     model = compressor.finalize(model, calib)
     model.eval()
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torchvision.models import resnet as tv_resnet
 
 from slope_bench.errors import ConfigError
 
@@ -63,6 +64,36 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     return model
 
 
+class ResNet18(tv_resnet.ResNet):
+    """torchvision's ResNet-18 with a width knob and an optional small-input stem.
+
+    Keys match torchvision's ``resnet18`` state dict, so its weights load as they are.
+    """
+
+    def __init__(self, num_classes: int, in_chans: int = 3, width: int = 64, small_input: bool = False) -> None:
+        super().__init__(tv_resnet.BasicBlock, [2, 2, 2, 2], num_classes=num_classes)
+        if width == 64 and in_chans == 3 and not small_input:
+            return
+        self.inplanes = width
+        if small_input:
+            self.conv1 = nn.Conv2d(in_chans, width, kernel_size=3, stride=1, padding=1, bias=False)
+            self.maxpool = nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(in_chans, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.layer1 = self._make_layer(tv_resnet.BasicBlock, width, 2)
+        self.layer2 = self._make_layer(tv_resnet.BasicBlock, 2 * width, 2, stride=2)
+        self.layer3 = self._make_layer(tv_resnet.BasicBlock, 4 * width, 2, stride=2)
+        self.layer4 = self._make_layer(tv_resnet.BasicBlock, 8 * width, 2, stride=2)
+        self.fc = nn.Linear(8 * width, num_classes)
+        for m in self.modules():  # torchvision's initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+
 def resnet18(
     num_classes: int,
     in_chans: int = 3,
@@ -81,31 +112,367 @@ def resnet18(
         width: base channels (64 is the standard network; stages use w, 2w, 4w, 8w).
         small_input: 3×3 stride-1 first conv and no max-pool (CIFAR-style); default
             ``image_size <= 64``.
-        pretrained: load torchvision's ImageNet weights (width 64 only; the
-            small-input stem and a resized classifier stay randomly initialised).
+        pretrained: load torchvision's ImageNet weights (width 64 only; a small-input
+            stem and a resized classifier stay randomly initialised).
         checkpoint: a state dict file for this exact model.
     """
-    from timm.models.resnet import BasicBlock, ResNet
-
-    if not isinstance(width, int) or width < 1:
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
         raise ConfigError("model.width", width, "an integer >= 1")
-    model = ResNet(BasicBlock, [2, 2, 2, 2], num_classes=num_classes, in_chans=in_chans, stem_width=width, channels=(width, 2 * width, 4 * width, 8 * width))
     if small_input is None:
         small_input = image_size <= 64
+    model = ResNet18(num_classes, in_chans, width, small_input)
     if pretrained:
         if width != 64:
             raise ConfigError("model.pretrained", pretrained, "false when model.width != 64 (weights exist for width 64)")
-        from torchvision.models import ResNet18_Weights
-
-        state = ResNet18_Weights.DEFAULT.get_state_dict(progress=True)
-        if num_classes != 1000 or in_chans != 3:
-            state = {k: v for k, v in state.items() if not k.startswith("fc.") and (in_chans == 3 or not k.startswith("conv1."))}
-        model.load_state_dict(state, strict=False)
-    if small_input:
-        model.conv1 = nn.Conv2d(in_chans, width, kernel_size=3, stride=1, padding=1, bias=False)
-        model.maxpool = nn.Identity()
+        state = tv_resnet.ResNet18_Weights.DEFAULT.get_state_dict(progress=True)
+        own = model.state_dict()
+        model.load_state_dict({k: v for k, v in state.items() if k in own and own[k].shape == v.shape}, strict=False)
     model.first_layers = ["conv1"]
     model.classifier_layers = ["fc"]
+    if checkpoint:
+        load_checkpoint(model, checkpoint)
+    return model
+
+
+# ---------------------------------------------------------------------------- ViT-S
+VIT_SMALL = {"embed_dim": 384, "depth": 12, "num_heads": 6, "patch_size": 16}
+
+
+def default_patch_size(image_size: int) -> int:
+    """ViT patch side for an input side: 16 from 128 px up (ViT-S/16), otherwise
+    ``image_size // 4`` so that small inputs give 4 × 4 = 16 tokens (8 px digits → 2)."""
+    return 16 if image_size >= 128 else max(image_size // 4, 1)
+
+
+def _positive_int(key: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(key, value, "an integer >= 1")
+    return value
+
+
+def vit_small(
+    num_classes: int,
+    in_chans: int = 3,
+    image_size: int = 224,
+    patch_size: int | None = None,
+    embed_dim: int = 384,
+    depth: int = 12,
+    num_heads: int = 6,
+    mlp_ratio: float = 4.0,
+    drop_path_rate: float = 0.1,
+    fused_attention: bool = False,
+    pretrained: bool = False,
+    checkpoint: str | None = None,
+) -> nn.Module:
+    """timm's ViT-S (embed 384, depth 12, 6 heads) sized to the task's input.
+
+    Targets are the attention (``qkv``, ``proj``) and MLP (``fc1``, ``fc2``) linears of
+    every block; the patch embedding ``patch_embed.proj`` is the first layer and
+    ``head`` the classifier (both kept dense unless the method says otherwise).
+
+    Args:
+        num_classes: classifier outputs.
+        in_chans: input channels.
+        image_size: input side (square).
+        patch_size: patch side; ``None`` picks :func:`default_patch_size`.
+        embed_dim: token width (384 for ViT-S); must be divisible by ``num_heads``.
+        depth: number of transformer blocks.
+        num_heads: attention heads.
+        mlp_ratio: MLP hidden width over ``embed_dim``.
+        drop_path_rate: stochastic depth rate (DeiT-S uses 0.1).
+        fused_attention: use ``scaled_dot_product_attention`` (faster on GPUs). Off by
+            default: the explicit ``q @ kᵀ`` / ``attn @ v`` matmuls are what
+            ``FlopCounterMode`` counts on a CPU, so BOPs include the attention matmuls.
+        pretrained: load timm's ImageNet ViT-S/16 weights (downloaded from the Hugging
+            Face hub; only where the user has them). Needs the ViT-S shape and patch 16;
+            the position embedding is resampled to ``image_size``.
+        checkpoint: a state dict file for this exact model.
+    """
+    from timm.models.vision_transformer import VisionTransformer
+
+    for key, value in (("model.embed_dim", embed_dim), ("model.depth", depth), ("model.num_heads", num_heads), ("image_size", image_size)):
+        _positive_int(key, value)
+    if embed_dim % num_heads:
+        raise ConfigError("model.num_heads", num_heads, f"a divisor of model.embed_dim={embed_dim}")
+    if patch_size is None:
+        patch_size = default_patch_size(image_size)
+    _positive_int("model.patch_size", patch_size)
+    if image_size % patch_size:
+        raise ConfigError("model.patch_size", patch_size, f"a divisor of the task's image size {image_size}")
+    if not isinstance(mlp_ratio, (int, float)) or isinstance(mlp_ratio, bool) or mlp_ratio <= 0:
+        raise ConfigError("model.mlp_ratio", mlp_ratio, "a number > 0")
+    if not isinstance(drop_path_rate, (int, float)) or not 0 <= drop_path_rate < 1:
+        raise ConfigError("model.drop_path_rate", drop_path_rate, "a number in [0, 1)")
+    shape = {"embed_dim": embed_dim, "depth": depth, "num_heads": num_heads, "patch_size": patch_size}
+    if pretrained and shape != VIT_SMALL:
+        raise ConfigError("model.pretrained", pretrained, f"false unless the model is ViT-S/16 ({VIT_SMALL}); got {shape}")
+    if pretrained:
+        import timm
+
+        model = timm.create_model(
+            "vit_small_patch16_224.augreg_in21k_ft_in1k",
+            pretrained=True,
+            num_classes=num_classes,
+            in_chans=in_chans,
+            img_size=image_size,
+            drop_path_rate=drop_path_rate,
+        )
+    else:
+        model = VisionTransformer(
+            img_size=image_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            num_classes=num_classes,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=float(mlp_ratio),
+            drop_path_rate=float(drop_path_rate),
+        )
+    for block in model.blocks:
+        block.attn.fused_attn = bool(fused_attention)
+    model.first_layers = ["patch_embed.proj"]
+    model.classifier_layers = ["head"]
+    if checkpoint:
+        load_checkpoint(model, checkpoint)
+    return model
+
+
+# ---------------------------------------------------------------------------- Mask R-CNN
+RESNET_LAYOUTS = {
+    "resnet18": ("basic", [2, 2, 2, 2]),
+    "resnet34": ("basic", [3, 4, 6, 3]),
+    "resnet50": ("bottleneck", [3, 4, 6, 3]),
+    "resnet101": ("bottleneck", [3, 4, 23, 3]),
+}
+MASKRCNN_BACKBONES = tuple(RESNET_LAYOUTS)
+MASKRCNN_PREDICTORS = ["roi_heads.box_predictor.cls_score", "roi_heads.box_predictor.bbox_pred", "roi_heads.mask_predictor.mask_fcn_logits"]
+COCO_ANCHOR_SIZES = (32, 64, 128, 256, 512)
+
+
+def resnet_body(backbone: str, in_chans: int = 3, width: int = 64, norm: str = "batch", pretrained: bool = False) -> nn.Module:
+    """torchvision's ResNet with a width knob: the body of the Mask R-CNN backbone.
+
+    At ``width=64`` and 3 channels it is exactly torchvision's network (so its ImageNet
+    and COCO Mask R-CNN weights load as they are); otherwise the stem and the four
+    stages are rebuilt with ``width, 2·width, 4·width, 8·width`` channels (×4 outputs
+    for bottleneck blocks) and torchvision's initialisation.
+
+    Args:
+        backbone: ``resnet18``, ``resnet34``, ``resnet50`` or ``resnet101``.
+        in_chans: image channels.
+        width: stem and first-stage channels.
+        norm: ``batch`` (BatchNorm2d) or ``frozen`` (torchvision's FrozenBatchNorm2d).
+        pretrained: load torchvision's ImageNet weights (width 64 only).
+    """
+    from torchvision.models import resnet as tv_resnet
+    from torchvision.ops import FrozenBatchNorm2d
+
+    kind, layers = RESNET_LAYOUTS[backbone]
+    block = tv_resnet.BasicBlock if kind == "basic" else tv_resnet.Bottleneck
+    norm_layer = FrozenBatchNorm2d if norm == "frozen" else nn.BatchNorm2d
+    body = tv_resnet.ResNet(block, layers, norm_layer=norm_layer)
+    if width != 64 or in_chans != 3:
+        body.inplanes = width
+        body.conv1 = nn.Conv2d(in_chans, width, kernel_size=7, stride=2, padding=3, bias=False)
+        body.bn1 = norm_layer(width)
+        body.layer1 = body._make_layer(block, width, layers[0])
+        body.layer2 = body._make_layer(block, 2 * width, layers[1], stride=2)
+        body.layer3 = body._make_layer(block, 4 * width, layers[2], stride=2)
+        body.layer4 = body._make_layer(block, 8 * width, layers[3], stride=2)
+        for module in body.modules():  # torchvision's initialisation
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.constant_(module.weight, 1)
+                nn.init.constant_(module.bias, 0)
+    body.fc = nn.Identity()
+    if pretrained:
+        import torchvision
+
+        state = torchvision.models.get_model_weights(backbone).DEFAULT.get_state_dict(progress=True)
+        state = {k: v for k, v in state.items() if not k.startswith("fc.") and (in_chans == 3 or not k.startswith("conv1."))}
+        body.load_state_dict(state, strict=False)
+    return body
+
+
+def maskrcnn(
+    num_classes: int,
+    in_chans: int = 3,
+    image_size: int = 800,
+    backbone: str = "resnet50",
+    backbone_width: int = 64,
+    pretrained: bool = False,
+    pretrained_backbone: bool = False,
+    checkpoint: str | None = None,
+    norm: str | None = None,
+    trainable_backbone_layers: int = 5,
+    min_size: int | None = None,
+    max_size: int | None = None,
+    fpn_channels: int = 256,
+    anchor_sizes: list[int] | None = None,
+    rpn_pre_nms_top_n_train: int = 2000,
+    rpn_post_nms_top_n_train: int = 2000,
+    rpn_pre_nms_top_n_test: int = 1000,
+    rpn_post_nms_top_n_test: int = 1000,
+    rpn_batch_size_per_image: int = 256,
+    box_batch_size_per_image: int = 512,
+    box_detections_per_img: int = 100,
+    box_score_thresh: float = 0.05,
+    box_head_dim: int = 1024,
+    mask_head_channels: int = 256,
+    mask_head_layers: int = 4,
+) -> nn.Module:
+    """torchvision Mask R-CNN with a ResNet-FPN backbone (R50-FPN by default, the papers' setting).
+
+    The ResNet body is torchvision's, with a width knob (:func:`resnet_body`).
+
+    Every knob defaults to torchvision's ``maskrcnn_resnet50_fpn``; the embedded task
+    shrinks the backbone (``resnet18``), the FPN/head widths, the sampled ROIs, the
+    proposals and the detections per image for CPU-sized runs. Targets are every
+    Conv2d/Linear of the backbone, FPN, RPN and ROI heads; ``backbone.body.conv1`` is the
+    first layer and the three final predictors (class scores, box deltas, mask logits)
+    are the classifier layers.
+
+    Args:
+        num_classes: outputs of the predictors, background included (COCO: 91, the
+            category ids as labels).
+        in_chans: image channels (the first conv is rebuilt when not 3).
+        image_size: the task's nominal image side: default ``min_size``.
+        backbone: one of ``resnet18``, ``resnet34``, ``resnet50``, ``resnet101``.
+        backbone_width: ResNet stem/first-stage channels (64: the standard network;
+            narrower bodies for CPU-sized runs, see :func:`resnet_body`).
+        pretrained: torchvision's COCO Mask R-CNN weights (``resnet50`` with the default
+            widths only; downloaded, so only where the user has them). Predictors are
+            re-initialised when ``num_classes != 91``.
+        pretrained_backbone: torchvision's ImageNet weights for the ResNet body.
+        checkpoint: a state dict file for this exact model.
+        norm: ``batch`` (BatchNorm2d) or ``frozen`` (FrozenBatchNorm2d) in the body;
+            ``None``: frozen with pretrained weights, batch otherwise (torchvision's rule).
+        trainable_backbone_layers: ResNet stages left trainable, 0..5 (5: all).
+        min_size: GeneralizedRCNNTransform's shorter-side target; ``None``: ``image_size``.
+        max_size: longer-side cap; ``None``: ``image_size * 1333 / 800``.
+        fpn_channels: FPN width (256 in the paper setting).
+        anchor_sizes: one anchor size per FPN level (5 values); ``None``: 32..512.
+        rpn_pre_nms_top_n_train: RPN proposals kept before NMS, training.
+        rpn_post_nms_top_n_train: RPN proposals kept after NMS, training.
+        rpn_pre_nms_top_n_test: RPN proposals kept before NMS, evaluation.
+        rpn_post_nms_top_n_test: RPN proposals kept after NMS, evaluation.
+        rpn_batch_size_per_image: anchors sampled per image for the RPN loss.
+        box_batch_size_per_image: ROIs sampled per image for the box/mask heads.
+        box_detections_per_img: cap on detections per image at evaluation.
+        box_score_thresh: minimum detection score at evaluation.
+        box_head_dim: width of the two-layer MLP box head.
+        mask_head_channels: width of the mask head convs and of the mask predictor.
+        mask_head_layers: number of 3×3 convs in the mask head.
+    """
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+    from torchvision.models.detection.rpn import AnchorGenerator
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+    if backbone not in MASKRCNN_BACKBONES:
+        raise ConfigError("model.backbone", backbone, "one of " + ", ".join(MASKRCNN_BACKBONES))
+    ints = {
+        "model.backbone_width": backbone_width,
+        "model.fpn_channels": fpn_channels,
+        "model.rpn_pre_nms_top_n_train": rpn_pre_nms_top_n_train,
+        "model.rpn_post_nms_top_n_train": rpn_post_nms_top_n_train,
+        "model.rpn_pre_nms_top_n_test": rpn_pre_nms_top_n_test,
+        "model.rpn_post_nms_top_n_test": rpn_post_nms_top_n_test,
+        "model.rpn_batch_size_per_image": rpn_batch_size_per_image,
+        "model.box_batch_size_per_image": box_batch_size_per_image,
+        "model.box_detections_per_img": box_detections_per_img,
+        "model.box_head_dim": box_head_dim,
+        "model.mask_head_channels": mask_head_channels,
+        "model.mask_head_layers": mask_head_layers,
+        "num_classes": num_classes,
+        "in_chans": in_chans,
+        "image_size": image_size,
+    }
+    for key, value in ints.items():
+        _positive_int(key, value)
+    if isinstance(trainable_backbone_layers, bool) or trainable_backbone_layers not in range(6):
+        raise ConfigError("model.trainable_backbone_layers", trainable_backbone_layers, "an integer in 0..5")
+    min_size = _positive_int("model.min_size", image_size if min_size is None else min_size)
+    max_size = _positive_int("model.max_size", max(round(image_size * 1333 / 800), min_size) if max_size is None else max_size)
+    anchors = tuple(COCO_ANCHOR_SIZES if anchor_sizes is None else anchor_sizes)
+    if len(anchors) != 5 or not all(isinstance(a, int) and not isinstance(a, bool) and a > 0 for a in anchors):
+        raise ConfigError("model.anchor_sizes", anchor_sizes, "null or 5 positive integers (one anchor size per FPN level)")
+    if not isinstance(box_score_thresh, (int, float)) or not 0 <= box_score_thresh < 1:
+        raise ConfigError("model.box_score_thresh", box_score_thresh, "a number in [0, 1)")
+    if norm is None:
+        norm = "frozen" if pretrained or pretrained_backbone else "batch"
+    if norm not in ("batch", "frozen"):
+        raise ConfigError("model.norm", norm, "null, batch or frozen")
+    if pretrained_backbone and backbone_width != 64:
+        raise ConfigError(
+            "model.pretrained_backbone", pretrained_backbone, "false when model.backbone_width != 64 (weights exist for width 64)"
+        )
+    paper_shape = (
+        backbone == "resnet50"
+        and backbone_width == 64
+        and fpn_channels == 256
+        and box_head_dim == 1024
+        and mask_head_channels == 256
+        and mask_head_layers == 4
+        and in_chans == 3
+    )
+    if pretrained and not paper_shape:
+        raise ConfigError(
+            "model.pretrained",
+            pretrained,
+            "false unless the model is the R50-FPN of torchvision (backbone=resnet50, width 64, fpn 256, box head 1024, mask head 4x256, 3 channels)",
+        )
+
+    body = resnet_body(backbone, in_chans, backbone_width, norm, pretrained_backbone and not pretrained)
+    stages = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_backbone_layers]
+    if trainable_backbone_layers == 5:
+        stages.append("bn1")
+    for name, parameter in body.named_parameters():
+        if all(not name.startswith(stage) for stage in stages):
+            parameter.requires_grad_(False)
+    expansion = 4 if RESNET_LAYOUTS[backbone][0] == "bottleneck" else 1
+    fpn = BackboneWithFPN(
+        body,
+        return_layers={"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
+        in_channels_list=[backbone_width * 2**i * expansion for i in range(4)],
+        out_channels=fpn_channels,
+        extra_blocks=LastLevelMaxPool(),
+    )
+    resolution = 7  # MultiScaleRoIAlign output of the box branch (torchvision default)
+    model = MaskRCNN(
+        fpn,
+        num_classes=None,
+        min_size=min_size,
+        max_size=max_size,
+        image_mean=[0.485, 0.456, 0.406] if in_chans == 3 else [0.5] * in_chans,
+        image_std=[0.229, 0.224, 0.225] if in_chans == 3 else [0.25] * in_chans,
+        rpn_anchor_generator=AnchorGenerator(tuple((a,) for a in anchors), ((0.5, 1.0, 2.0),) * len(anchors)),
+        rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train,
+        rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
+        rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
+        rpn_batch_size_per_image=rpn_batch_size_per_image,
+        box_batch_size_per_image=box_batch_size_per_image,
+        box_detections_per_img=box_detections_per_img,
+        box_score_thresh=float(box_score_thresh),
+        box_head=TwoMLPHead(fpn_channels * resolution**2, box_head_dim),
+        box_predictor=FastRCNNPredictor(box_head_dim, num_classes),
+        mask_head=MaskRCNNHeads(fpn_channels, [mask_head_channels] * mask_head_layers, 1),
+        mask_predictor=MaskRCNNPredictor(mask_head_channels, mask_head_channels, num_classes),
+    )
+    if pretrained:
+        from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
+
+        state = MaskRCNN_ResNet50_FPN_Weights.COCO_V1.get_state_dict(progress=True)
+        if num_classes != 91:
+            state = {k: v for k, v in state.items() if not any(k.startswith(p + ".") for p in MASKRCNN_PREDICTORS)}
+        model.load_state_dict(state, strict=False)
+    model.first_layers = ["backbone.body.conv1"]
+    model.classifier_layers = list(MASKRCNN_PREDICTORS)
     if checkpoint:
         load_checkpoint(model, checkpoint)
     return model

@@ -112,6 +112,31 @@ def rtn_step(weight: torch.Tensor, grid: UniformGrid) -> torch.Tensor:
     return (w.amax(1, keepdim=True) / grid.qmax).clamp_min(1e-8)
 
 
+class _LSQRoundClamp(torch.autograd.Function):
+    """Fused ``clamp(round(w / s), qmin, qmax) · s`` with LSQ's gradients (Esser et al.
+    2020, Eq. 3): ``∂ŵ/∂w = 1`` where ``round(v)`` lies in the clamp range and 0
+    outside; ``∂ŵ/∂s = round(v) − v`` inside and ``qmin``/``qmax`` outside
+    (``v = w / s``), summed per group — exactly what round-with-STE then clamp gives.
+    One saved tensor instead of the chain of STE ops: the hot path of every
+    quantization-aware method."""
+
+    @staticmethod
+    def forward(ctx, w, step, qmin, qmax):  # noqa: D102
+        v = w / step
+        r = torch.round(v)
+        inside = (r >= qmin) & (r <= qmax)
+        q = torch.clamp(r, qmin, qmax)
+        ctx.save_for_backward(torch.where(inside, q - v, q), inside)
+        return q * step
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        ds, inside = ctx.saved_tensors
+        grad_w = grad * inside
+        grad_step = (grad * ds).sum(1, keepdim=True)
+        return grad_w, grad_step, None, None
+
+
 def fake_quantize(weight: torch.Tensor, step: torch.Tensor, grid: UniformGrid, zero: torch.Tensor | None = None) -> torch.Tensor:
     """Quantize and dequantize with STE; ``step`` has shape ``(groups, 1)``.
 
@@ -122,7 +147,7 @@ def fake_quantize(weight: torch.Tensor, step: torch.Tensor, grid: UniformGrid, z
     if grid.binary:
         out = ste_sign(w) * step
     elif grid.symmetric:
-        out = torch.clamp(ste_round(w / step), grid.qmin, grid.qmax) * step
+        out = _LSQRoundClamp.apply(w, step.expand(w.shape[0], 1), grid.qmin, grid.qmax)
     else:
         z = zero if zero is not None else torch.zeros_like(step)
         out = (torch.clamp(ste_round(w / step) + z, grid.qmin, grid.qmax) - z) * step

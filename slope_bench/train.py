@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from slope_bench.errors import ConfigError
+from slope_bench.export import export_packed, positive_zeros
 from slope_bench.lit import DivergenceError, LitCompress, StepTimer, barrier, broadcast_object, is_global_zero
 from slope_bench.methods.base import Compressor
 from slope_bench.metrics import measure
@@ -134,6 +135,7 @@ class Reference:
     state: dict[str, torch.Tensor]
     metrics: dict[str, float]
     step_ms: float | None
+    steps: int = 0
 
 
 def cached_training(cache_file: Path | None, train_fn) -> Reference:
@@ -154,7 +156,7 @@ def cached_training(cache_file: Path | None, train_fn) -> Reference:
         ref = train_fn()
         if lead:
             save_state(cache_file, ref.state)
-            meta = {"metrics": ref.metrics, "step_ms": ref.step_ms, "version": CACHE_VERSION, "sha256": file_sha256(cache_file)}
+            meta = {"metrics": ref.metrics, "step_ms": ref.step_ms, "steps": ref.steps, "version": CACHE_VERSION, "sha256": file_sha256(cache_file)}
             atomic_write_json(cache_file.with_suffix(".json"), meta)
         barrier()
     return ref
@@ -179,7 +181,7 @@ def load_cached(cache_file: Path) -> Reference | None:
             raise ValueError(f"sha256 {digest[:12]} does not match the recorded {str(meta.get('sha256'))[:12]}")
         state = load_state_file(cache_file)
         log.info("loaded cached model %s", cache_file.name)
-        return Reference(state, meta["metrics"], meta.get("step_ms"))
+        return Reference(state, meta["metrics"], meta.get("step_ms"), meta.get("steps", 0))
     except Exception as e:  # a truncated, tampered or half-written cache is rebuilt, never used
         log.warning("cache %s failed its integrity check (%s): rebuilding", cache_file.name, e)
         return None
@@ -243,7 +245,7 @@ def run(cfg: DictConfig) -> dict:
     def train_dense() -> Reference:
         dense_model = new_model()
         fitted = fit(dense_model, task, Compressor(), cfg.dense.epochs, cfg.dense.lr, cfg, tag="dense reference", checkpoint="dense")
-        return Reference(dense_model.state_dict(), task.evaluate(dense_model) if is_global_zero() else {}, fitted.step_ms)
+        return Reference(dense_model.state_dict(), task.evaluate(dense_model) if is_global_zero() else {}, fitted.step_ms, fitted.steps)
 
     key = dense_key(cfg)
     dense = cached_training(cache_path(cfg, "dense", key), train_dense)
@@ -254,13 +256,13 @@ def run(cfg: DictConfig) -> dict:
         ft_model = new_model()
         ft_model.load_state_dict(dense.state)
         fitted = fit(ft_model, task, Compressor(), epochs, cfg.finetune.lr, cfg, tag="dense fine-tune control", checkpoint="dense_ft")
-        return Reference(ft_model.state_dict(), task.evaluate(ft_model) if is_global_zero() else {}, fitted.step_ms)
+        return Reference(ft_model.state_dict(), task.evaluate(ft_model) if is_global_zero() else {}, fitted.step_ms, fitted.steps)
 
     if cfg.control.dense_ft and epochs > 0:
         ft_key = {**key, "finetune": OmegaConf.to_container(cfg.finetune, resolve=True), "finetune_epochs": epochs, "scheduler": OmegaConf.to_container(cfg.scheduler, resolve=True)}
         dense_ft = cached_training(cache_path(cfg, "dense_ft", ft_key), train_dense_ft)
     else:
-        dense_ft = Reference({}, dense.metrics, dense.step_ms)
+        dense_ft = Reference({}, dense.metrics, dense.step_ms, 0)
 
     # 4. compress: prepare -> fine-tune with the method's penalty/schedule -> finalize
     targets = target_names(model, compressor.compress_first, compressor.compress_classifier)
@@ -275,6 +277,10 @@ def run(cfg: DictConfig) -> dict:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # finalize's sampling does not depend on how the fit went (resumed or not)
     model = compressor.finalize(model, calib)
     model.eval()
+    with torch.no_grad():  # -0.0 -> +0.0 (same model): zeros need no sign bit in the packed file
+        for name in compressor.specs:
+            weight = model.get_submodule(name).weight
+            weight.copy_(positive_zeros(weight))
 
     # 5. measure, from the finalized tensors
     test = task.evaluate(model)
@@ -305,6 +311,8 @@ def run(cfg: DictConfig) -> dict:
             "time/fit_s": fitted.fit_s,
             "time/step_ms": fitted.step_ms,
             "time/step_ms_dense": dense_ft.step_ms,
+            "train/steps_dense_ft": dense_ft.steps,
+            "train/steps_dense": dense.steps,
             "train/epochs": epochs,
             "train/steps": fitted.steps,
             "train/dense_epochs": cfg.dense.epochs,
@@ -314,7 +322,12 @@ def run(cfg: DictConfig) -> dict:
     results["layers"] = report["layers"]
 
     # 6. record
-    save_state(out_dir / "finalized.safetensors", model.state_dict(), metadata={"method": method_name, "model": cfg.model.name})
+    state = model.state_dict()
+    save_state(out_dir / "finalized.safetensors", state, metadata={"method": method_name, "model": cfg.model.name})
+    packed = export_packed(state, compressor.specs, out_dir)  # the real artifact, verified on write
+    layers = results.pop("layers")
+    results.update(packed)
+    results["layers"] = layers
     atomic_write_json(out_dir / "results.json", results)
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # resume points are kept only until the run is recorded
     if logger is not None:

@@ -87,3 +87,24 @@ def test_sqnr():
 def test_grid_rejects_bad_values(bad):
     with pytest.raises(ValueError):
         UniformGrid(**bad)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_fused_lsq_gives_lsq_values_and_gradients(bits):
+    """Values: clamp(round(w/s))·s; ∂/∂w = 1 where round(w/s) is in range, else 0;
+    ∂/∂s = round(v) − v inside, the clamp bound outside (Esser et al. 2020, Eq. 3)."""
+    torch.manual_seed(bits)
+    grid = UniformGrid(bits)
+    w = (torch.randn(6, 40) * 2).requires_grad_()
+    step = torch.nn.Parameter(init_lsq_step(w, grid) * 0.5)  # small steps: some weights clamp
+    g = torch.randn(6, 40)
+    out = fake_quantize(w, step, grid)
+    v = (w / step).detach()
+    r = torch.round(v)
+    inside = (r >= grid.qmin) & (r <= grid.qmax)
+    assert torch.allclose(out, torch.clamp(r, grid.qmin, grid.qmax) * step)
+    out.backward(g)
+    assert torch.equal(w.grad, g * inside)
+    expected_step = (g * torch.where(inside, r - v, torch.clamp(r, grid.qmin, grid.qmax))).sum(1, keepdim=True)
+    assert torch.allclose(step.grad, expected_step, rtol=1e-5, atol=1e-5)
+    assert (~inside).any() or bits == 8  # the clamp is exercised at low bit widths

@@ -18,6 +18,7 @@ CONTRACT = [
     "test/top1", "test/top1_dense", "test/top1_dense_ft", "test/retention",
     "compress/ratio", "compress/ratio_nominal", "compress/bits_per_weight", "compress/sparsity",
     "compress/bops", "compress/bops_ratio",
+    "compress/packed_bytes", "compress/dense_bytes", "compress/measured_ratio",
     "time/fit_s", "time/step_ms", "time/step_ms_dense", "layers",
 ]  # fmt: skip
 LAYER_KEYS = ["name", "shape", "pattern", "w_bits", "granularity", "sparsity", "levels", "sqnr_db"]
@@ -46,7 +47,17 @@ def test_run_every_method_end_to_end(method, make_cfg):
     for layer in results["layers"]:
         w = state[f"{layer['name']}.weight"]
         assert float((w == 0).double().mean()) == pytest.approx(layer["sparsity"], abs=1e-9)
+    # the packed artifact loads back into exactly the finalized weights, at the accounted size
+    from slope_bench.export import load_packed, verify
+
+    assert verify(out) == 0
+    unpacked = load_packed(f"{out}/model.packed.safetensors")
+    assert all(torch.equal(unpacked[k].view(torch.int32) if v.dtype == torch.float32 else unpacked[k], v.view(torch.int32) if v.dtype == torch.float32 else v) for k, v in state.items())
+    assert results["compress/measured_ratio"] == pytest.approx(results["compress/dense_bytes"] / results["compress/packed_bytes"])
+    if results["train/epochs"] > 0:  # the control had exactly the compression run's budget
+        assert results["train/steps_dense_ft"] == results["train/steps"] > 0
     if method != "dense":
+        assert results["compress/measured_ratio"] > 1.5
         assert results["compress/ratio"] > 1.5
         assert results["compress/bops_ratio"] < 1.0
 

@@ -107,7 +107,7 @@ class NMQuantWeight(CompressedWeight):
         if self.grid is not None:
             step = grad_scale(self.step, self.step_grad_scale)
             out = fake_quantize(out, step, self.grid)
-            if mask is not None:
+            if mask is not None and self.grid.binary:  # sign(0) = +1: re-zero pruned weights
                 out = keep_masked(out, mask)
         if self.training:
             self.last = out

@@ -103,7 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     runs_dir = args.out / "runs"
     timings: list[dict] = []
     t_start = time.perf_counter()
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), TimeRemainingColumn()) as bar:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ) as bar:
         task_id = bar.add_task("bench", total=len(jobs))
         for method, overrides, seed in jobs:
             tag = "_".join([method, *(o.split("=", 1)[1] for o in overrides)]) + f"_s{seed}"
@@ -114,7 +120,15 @@ def main(argv: list[str] | None = None) -> int:
                 bar.advance(task_id)
                 continue
             cfg = compose_run(
-                [f"experiment={args.experiment}", f"method={method}", f"seed={seed}", "logger=none", "trainer.enable_progress_bar=false", *overrides, *args.overrides],
+                [
+                    f"experiment={args.experiment}",
+                    f"method={method}",
+                    f"seed={seed}",
+                    "logger=none",
+                    "trainer.enable_progress_bar=false",
+                    *overrides,
+                    *args.overrides,
+                ],
                 out_dir,
                 args.cache,
                 args.out / "data",

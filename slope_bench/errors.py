@@ -48,7 +48,9 @@ def check_nm(n: Any, m: Any, order: str = "input") -> NM | None:
     return NM(n, m, order)
 
 
-def check_range(key: str, value: Any, low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False) -> float:
+def check_range(
+    key: str, value: Any, low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False
+) -> float:
     """A number within bounds (open or closed at each end)."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if ok and low is not None:

@@ -189,7 +189,9 @@ def count_macs(model: nn.Module, example: object) -> tuple[dict[str, int], int]:
     return per_module, total
 
 
-def bops(per_module_macs: dict[str, int], total_macs: int, accounts: dict[str, TensorAccount], act_bits: int = FLOAT_BITS) -> tuple[float, float]:
+def bops(
+    per_module_macs: dict[str, int], total_macs: int, accounts: dict[str, TensorAccount], act_bits: int = FLOAT_BITS
+) -> tuple[float, float]:
     """(compressed BOPs, dense fp32 BOPs) under the convention above."""
     dense = float(total_macs) * FLOAT_BITS * FLOAT_BITS
     compressed = dense

@@ -156,7 +156,13 @@ def cached_training(cache_file: Path | None, train_fn) -> Reference:
         ref = train_fn()
         if lead:
             save_state(cache_file, ref.state)
-            meta = {"metrics": ref.metrics, "step_ms": ref.step_ms, "steps": ref.steps, "version": CACHE_VERSION, "sha256": file_sha256(cache_file)}
+            meta = {
+                "metrics": ref.metrics,
+                "step_ms": ref.step_ms,
+                "steps": ref.steps,
+                "version": CACHE_VERSION,
+                "sha256": file_sha256(cache_file),
+            }
             atomic_write_json(cache_file.with_suffix(".json"), meta)
         barrier()
     return ref
@@ -259,7 +265,12 @@ def run(cfg: DictConfig) -> dict:
         return Reference(ft_model.state_dict(), task.evaluate(ft_model) if is_global_zero() else {}, fitted.step_ms, fitted.steps)
 
     if cfg.control.dense_ft and epochs > 0:
-        ft_key = {**key, "finetune": OmegaConf.to_container(cfg.finetune, resolve=True), "finetune_epochs": epochs, "scheduler": OmegaConf.to_container(cfg.scheduler, resolve=True)}
+        ft_key = {
+            **key,
+            "finetune": OmegaConf.to_container(cfg.finetune, resolve=True),
+            "finetune_epochs": epochs,
+            "scheduler": OmegaConf.to_container(cfg.scheduler, resolve=True),
+        }
         dense_ft = cached_training(cache_path(cfg, "dense_ft", ft_key), train_dense_ft)
     else:
         dense_ft = Reference({}, dense.metrics, dense.step_ms, 0)
@@ -362,7 +373,14 @@ def log_results(logger, cfg: DictConfig, results: dict) -> None:
         experiment.tags = tuple(experiment.tags or ()) + (results["setting"],)
         if results["layers"]:
             cols = list(results["layers"][0].keys())
-            experiment.log({"layers": wandb.Table(columns=cols, data=[[str(r.get(c)) if isinstance(r.get(c), list) else r.get(c) for c in cols] for r in results["layers"]])})
+            experiment.log(
+                {
+                    "layers": wandb.Table(
+                        columns=cols,
+                        data=[[str(r.get(c)) if isinstance(r.get(c), list) else r.get(c) for c in cols] for r in results["layers"]],
+                    )
+                }
+            )
         experiment.finish()
     else:
         logger.log_metrics({k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})

@@ -26,7 +26,15 @@ CASES = [
 @pytest.mark.parametrize("override,key", CASES)
 def test_bad_input_exits_with_one_line(override, key, tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "run.py", override, "logger=none", "dense.epochs=0", f"hydra.run.dir={run_dir}", f"paths.cache_dir={tmp_path}/cache"]
+    cmd = [
+        sys.executable,
+        "run.py",
+        override,
+        "logger=none",
+        "dense.epochs=0",
+        f"hydra.run.dir={run_dir}",
+        f"paths.cache_dir={tmp_path}/cache",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

@@ -52,7 +52,13 @@ def test_run_every_method_end_to_end(method, make_cfg):
 
     assert verify(out) == 0
     unpacked = load_packed(f"{out}/model.packed.safetensors")
-    assert all(torch.equal(unpacked[k].view(torch.int32) if v.dtype == torch.float32 else unpacked[k], v.view(torch.int32) if v.dtype == torch.float32 else v) for k, v in state.items())
+    assert all(
+        torch.equal(
+            unpacked[k].view(torch.int32) if v.dtype == torch.float32 else unpacked[k],
+            v.view(torch.int32) if v.dtype == torch.float32 else v,
+        )
+        for k, v in state.items()
+    )
     assert results["compress/measured_ratio"] == pytest.approx(results["compress/dense_bytes"] / results["compress/packed_bytes"])
     if results["train/epochs"] > 0:  # the control had exactly the compression run's budget
         assert results["train/steps_dense_ft"] == results["train/steps"] > 0

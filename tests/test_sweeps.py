@@ -45,7 +45,10 @@ def test_failed_job_does_not_stop_the_sweep(tmp_path):
 
 def test_optuna_pareto_search_runs_two_trials(tmp_path):
     sweep = tmp_path / "optuna"
-    cli(["hparams_search=pareto", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.population_size=2", f"hydra.sweep.dir={sweep}"], tmp_path)
+    cli(
+        ["hparams_search=pareto", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.population_size=2", f"hydra.sweep.dir={sweep}"],
+        tmp_path,
+    )
     records = [json.loads(p.read_text()) for p in sweep.rglob("results.json")]
     assert len(records) == 2 and all(r["status"] == "ok" for r in records)
     import yaml

@@ -75,7 +75,16 @@ class Digits(ClassificationTask):
     num_classes = 10
     in_chans = 3
 
-    def __init__(self, name: str = "digits", resolution: int = 8, augment: bool = True, batch_size: int = 128, eval_batch_size: int = 512, num_workers: int = 0, seed: int = 0) -> None:
+    def __init__(
+        self,
+        name: str = "digits",
+        resolution: int = 8,
+        augment: bool = True,
+        batch_size: int = 128,
+        eval_batch_size: int = 512,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
         super().__init__(name, batch_size, eval_batch_size, num_workers, seed)
         if resolution not in RESOLUTIONS:
             raise ConfigError("resolution", resolution, "one of " + ", ".join(map(str, RESOLUTIONS)))

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from slope_bench.errors import ConfigError
-from slope_bench.methods.slope import NMQuantWeight, Slope, _SRSTE
+from slope_bench.methods.slope import _SRSTE, NMQuantWeight, Slope
 from slope_bench.quant import UniformGrid
 from slope_bench.sparsity import NM, nm_mask
 

@@ -68,8 +68,9 @@ def test_run_every_method_end_to_end(method, make_cfg):
         assert results["compress/bops_ratio"] < 1.0
 
 
-def test_slope_default_setting_and_dense_cache_reuse(make_cfg):
-    cfg = make_cfg()
+def test_slope_default_setting_and_dense_cache_reuse(make_cfg, tmp_path):
+    own_cache = tmp_path / "own_cache"
+    cfg = make_cfg(cache=own_cache)
     first = run(cfg)
     assert first["setting"] == "2:4 w4"
     assert all(layer["pattern"] == "2:4" for layer in first["layers"])
@@ -77,7 +78,7 @@ def test_slope_default_setting_and_dense_cache_reuse(make_cfg):
     cache_files = list((__import__("pathlib").Path(cfg.paths.cache_dir) / "dense").glob("*.safetensors"))
     assert len(cache_files) == 1
     stamp = cache_files[0].stat().st_mtime_ns
-    second = run(make_cfg("method=naive"))
+    second = run(make_cfg("method=naive", cache=own_cache))
     assert second["test/top1_dense"] == first["test/top1_dense"]
     assert cache_files[0].stat().st_mtime_ns == stamp, "the dense reference must be reused, not retrained"
 

@@ -92,8 +92,7 @@ def compressed_levels(weight_hat: torch.Tensor, layer: StagedWeight) -> int:
     """Most distinct values (zero included) in one quantization group of ``weight_hat``.
 
     On the grid the values are ``code · step``, so distinct codes are counted with one
-    ``scatter`` (cheap enough to log every step); in full precision each output channel
-    is sorted.
+    ``scatter``; in full precision each output channel is sorted.
     """
     if layer.grid is not None:
         grid = layer.grid

@@ -238,8 +238,10 @@ def run(cfg: DictConfig) -> dict:
 
     model = new_model()
     compressor.num_train = task.num_train
-    n_calib = getattr(compressor, "n_calib", 256)
-    if n_calib > compressor.num_train:
+    n_calib = getattr(compressor, "n_calib", None)
+    if n_calib is None:  # methods that do not ask for calibration data get at most 256 images
+        n_calib = min(256, compressor.num_train)
+    elif n_calib > compressor.num_train:
         raise ConfigError("method.n_calib", n_calib, f"at most the training set size ({compressor.num_train})")
     epochs = cfg.finetune.epochs if method_epochs is None else method_epochs
     if epochs < 0 or cfg.dense.epochs < 0:
@@ -313,7 +315,7 @@ def run(cfg: DictConfig) -> dict:
     results.update({f"test/{k}_dense": v for k, v in dense.metrics.items()})
     results.update({f"test/{k}_dense_ft": v for k, v in dense_ft.metrics.items()})
     results["test/retention"] = test[main] / dense.metrics[main] if dense.metrics[main] else None
-    if getattr(compressor, "ensemble", None):
+    if getattr(compressor, "ensemble", None) and hasattr(task, "logits"):  # Bayesian averaging of logits (classification)
         results.update({f"test/{k}_bayes_avg": v for k, v in evaluate_ensemble(model, task, compressor.ensemble).items()})
     results.update({k: v for k, v in report.items() if k != "layers"})
     results.update(getattr(compressor, "extra_results", {}) or {})

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
-.PHONY: help install run test test-full lint format bench leaderboard clean
+.PHONY: help install run test test-full lint format bench bench-step leaderboard clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -36,6 +36,9 @@ format: install  ## apply ruff fixes and formatting
 
 bench: install  ## the embedded benchmark grid -> experiments/digits_resnet18/
 	$(PY) -m slope_bench.bench $(ARGS)
+
+bench-step: install  ## step time of each method vs dense (resnet18, 8x8 and 32x32) -> experiments/step_time/
+	$(PY) -m slope_bench.step_time --size 8 32 --steps 8 --out experiments/step_time $(ARGS)
 
 leaderboard: install  ## gather outputs/ into a leaderboard (csv, md, png, html)
 	$(PY) -m slope_bench.leaderboard outputs --out outputs/leaderboard $(ARGS)

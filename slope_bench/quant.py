@@ -124,9 +124,9 @@ class _LSQRoundClamp(torch.autograd.Function):
     def forward(ctx, w, step, qmin, qmax):  # noqa: D102
         v = w / step
         r = torch.round(v)
-        inside = (r >= qmin) & (r <= qmax)
         q = torch.clamp(r, qmin, qmax)
-        ctx.save_for_backward(torch.where(inside, q - v, q), inside)
+        inside = q == r  # round(v) in [qmin, qmax]: clamping left it alone
+        ctx.save_for_backward(q - v * inside, inside)  # ds: round(v) - v inside, q outside
         return q * step
 
     @staticmethod

@@ -58,3 +58,18 @@ def test_magnitude_mask_hits_exact_sparsity_even_with_ties(sparsity):
     mask = magnitude_mask(w, sparsity)
     assert int((~mask).sum()) == round(sparsity * w.numel())
     assert sparsity_of(w * mask) >= sparsity - 1e-9
+
+
+@pytest.mark.parametrize("n,m", [(1, 2), (1, 4), (2, 4), (3, 4), (2, 8), (4, 8), (4, 16)])
+def test_nm_mask_breaks_ties_by_position_on_both_kernels(n, m):
+    # integer weights: many ties; the pairwise kernel (m <= 8) and topk (m > 8) agree
+    # with the stable-sort reference, where equal magnitudes go to the lower position
+    w = torch.randint(-2, 3, (12, 4 * m)).float()
+    groups = w.abs().reshape(-1, m)
+    order = torch.sort(groups, dim=-1, descending=True, stable=True).indices[:, :n]
+    ref = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order, True)
+    mask = nm_mask(w, NM(n, m))
+    assert mask.dtype == torch.bool
+    assert (mask.reshape(-1, m).sum(-1) == n).all()
+    if m <= 8:  # topk's choice among equal values is unspecified
+        assert torch.equal(mask.reshape(-1, m), ref)

@@ -38,18 +38,91 @@ SCOPES = ("channel", "layer")
 
 
 class _SRSTE(torch.autograd.Function):
-    """Forward ``w ⊙ mask``; backward ``g + λ_w · (1 − mask) ⊙ w`` (SR-STE, Eq. 6)."""
+    """Forward ``w ⊙ mask``; backward ``g + λ_w · (1 − mask) ⊙ w`` (SR-STE, Eq. 6).
+
+    ``keep`` is a bool mask."""
 
     @staticmethod
-    def forward(ctx, weight, mask, decay):  # noqa: D102
-        ctx.save_for_backward(weight, mask)
+    def forward(ctx, weight, keep, decay):  # noqa: D102
+        ctx.save_for_backward(weight, keep)
         ctx.decay = decay
-        return weight * mask
+        return weight * keep  # multiplying by a bool mask is ~4x faster than torch.where on CPU
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        weight, mask = ctx.saved_tensors
-        return grad + ctx.decay * (1 - mask) * weight, None, None
+        weight, keep = ctx.saved_tensors
+        if not ctx.decay:
+            return grad, None, None
+        return grad.add(weight * ~keep, alpha=ctx.decay), None, None
+
+
+class _SRSTELSQ(torch.autograd.Function):
+    """``Q(S(W))`` in one kernel: SR-STE N:M masking then symmetric LSQ round/clamp.
+
+    Forward ``clamp(round(w ⊙ mask / s), qmin, qmax) · s`` on ``(groups, group_len)``
+    views. Backward: the SR-STE gradient (Eq. 6 of Zhou et al. 2021) composed with
+    LSQ's (Esser et al. 2020, Eq. 3) — ``∂L/∂w = g ⊙ 1[round(v) in range] + λ_w (1 −
+    mask) ⊙ w`` (a pruned weight has ``v = 0``, inside the range, so its gradient passes
+    straight through) and ``∂L/∂s = Σ g ⊙ (round(v) − v)`` inside, ``qmin``/``qmax``
+    outside. The same values and gradients as :class:`_SRSTE` followed by
+    ``quant._LSQRoundClamp`` with two fewer full-size temporaries (a test checks).
+    """
+
+    @staticmethod
+    def forward(ctx, w, keep, step, qmin, qmax, decay):  # noqa: D102
+        v = (w * keep).div_(step)
+        r = torch.round(v)
+        q = torch.clamp(r, qmin, qmax)
+        inside = q == r
+        ctx.save_for_backward(q - v * inside, inside, w if decay else None, keep if decay else None)
+        ctx.decay = decay
+        return q.mul_(step)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        ds, inside, w, keep = ctx.saved_tensors
+        grad_w = grad * inside
+        if ctx.decay:
+            grad_w.add_(w * ~keep, alpha=ctx.decay)
+        grad_step = (grad * ds).sum(1, keepdim=True)
+        return grad_w, None, grad_step, None, None, None
+
+
+class _RowCosine(torch.autograd.Function):
+    """Per-row cosine ``<a_i, b_i> / (‖a_i‖ ‖b_i‖)`` of two ``(rows, cols)`` matrices.
+
+    ``torch.nn.functional.cosine_similarity`` normalises both inputs (full-size
+    temporaries in forward and backward); here the forward is three row reductions
+    and the backward two fused multiply-adds per input:
+    ``∂cos/∂a = b / (‖a‖‖b‖) − cos · a / ‖a‖²`` (and symmetrically for ``b``).
+    A zero row has cosine 0 and no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, a, b, eps):  # noqa: D102
+        na = torch.linalg.vector_norm(a, dim=1)
+        nb = torch.linalg.vector_norm(b, dim=1)
+        denom = (na * nb).clamp_min(eps)
+        cos = torch.linalg.vecdot(a, b, dim=1) / denom
+        ctx.save_for_backward(a, b, na.clamp_min(eps), nb.clamp_min(eps), denom, cos)
+        return cos
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        a, b, na, nb, denom, cos = ctx.saved_tensors
+        g = (grad / denom).unsqueeze(1)
+        gc = (grad * cos).unsqueeze(1)
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_a = torch.addcmul(b * g, a, gc / na.pow(2).unsqueeze(1), value=-1)
+        if ctx.needs_input_grad[1]:
+            grad_b = torch.addcmul(a * g, b, gc / nb.pow(2).unsqueeze(1), value=-1)
+        return grad_a, grad_b, None
+
+
+def row_cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Cosine similarity of matching rows of two ``(rows, cols)`` matrices (differentiable)."""
+    return _RowCosine.apply(a, b, eps)
 
 
 def keep_masked(out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -88,10 +161,18 @@ class NMQuantWeight(CompressedWeight):
             return None
         if self.frozen_mask is not None:
             return self.frozen_mask
+        return self.keep(weight).to(weight.dtype)
+
+    def keep(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """Current keep-mask as bool (the hot path's form), or ``None`` when dense."""
+        if self.pattern is None:
+            return None
+        if self.frozen_mask is not None:
+            return self.frozen_mask.bool()
         score = weight
         if self.mask_source == "quantized" and self.grid is not None:
             score = fake_quantize(weight.detach(), self.step.detach(), self.grid)
-        return nm_mask(score, self.pattern).to(weight.dtype)
+        return nm_mask(score, self.pattern)
 
     def freeze_mask(self, weight: torch.Tensor) -> None:
         """Hold the current mask fixed from now on."""
@@ -101,14 +182,20 @@ class NMQuantWeight(CompressedWeight):
     # ---- forward / harden ------------------------------------------------------------
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         out = weight
-        mask = self.mask(weight)
-        if mask is not None:
-            out = _SRSTE.apply(weight, mask, self.sr_ste_decay)
-        if self.grid is not None:
+        keep = self.keep(weight)
+        grid = self.grid
+        if grid is not None and keep is not None and grid.symmetric and not grid.binary:
             step = grad_scale(self.step, self.step_grad_scale)
-            out = fake_quantize(out, step, self.grid)
-            if mask is not None and self.grid.binary:  # sign(0) = +1: re-zero pruned weights
-                out = keep_masked(out, mask)
+            w, k = grouped(weight, grid), grouped(keep, grid)
+            out = _SRSTELSQ.apply(w, k, step.expand(w.shape[0], 1), grid.qmin, grid.qmax, self.sr_ste_decay).reshape(weight.shape)
+        else:
+            if keep is not None:
+                out = _SRSTE.apply(weight, keep, self.sr_ste_decay)
+            if grid is not None:
+                step = grad_scale(self.step, self.step_grad_scale)
+                out = fake_quantize(out, step, grid)
+                if keep is not None and grid.binary:  # sign(0) = +1: re-zero pruned weights
+                    out = keep_masked(out, keep.to(out.dtype))
         if self.training:
             self.last = out
         return out
@@ -194,7 +281,7 @@ class Slope(Compressor):
             a = as_matrix(w) if self.scope == "channel" else w.reshape(1, -1)
             b = as_matrix(w_hat) if self.scope == "channel" else w_hat.reshape(1, -1)
             if self.alignment == "cosine":
-                term = 1 - torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12)
+                term = 1 - row_cosine(a, b)
             else:
                 term = (a - b).pow(2).sum(1) / a.detach().pow(2).sum(1).clamp_min(1e-12)
             terms.append(term.sum())

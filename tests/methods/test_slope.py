@@ -3,8 +3,8 @@ import torch
 from torch import nn
 
 from slope_bench.errors import ConfigError
-from slope_bench.methods.slope import _SRSTE, NMQuantWeight, Slope
-from slope_bench.quant import UniformGrid
+from slope_bench.methods.slope import _SRSTE, _SRSTELSQ, NMQuantWeight, Slope, row_cosine
+from slope_bench.quant import UniformGrid, _LSQRoundClamp
 from slope_bench.sparsity import NM, nm_mask
 
 
@@ -58,8 +58,9 @@ def test_none_and_l2_alignments():
 
 def test_sr_ste_gradient():
     w = torch.randn(4, 8, requires_grad=True)
-    mask = nm_mask(w, NM(2, 4)).float()
-    out = _SRSTE.apply(w, mask, 0.5)
+    keep = nm_mask(w, NM(2, 4))
+    mask = keep.float()
+    out = _SRSTE.apply(w, keep, 0.5)
     assert torch.equal(out, w * mask)
     g = torch.randn(4, 8)
     out.backward(g)
@@ -109,3 +110,38 @@ def test_bad_input_names_the_key(kwargs, key):
         Slope(**kwargs)
     assert e.value.key == key
     assert "\n" not in e.value.line()
+
+
+@pytest.mark.parametrize("decay", [0.0, 2e-4, 0.5])
+def test_fused_sr_ste_lsq_matches_the_two_step_composition(decay):
+    torch.manual_seed(0)
+    w0 = torch.randn(8, 32, dtype=torch.double)
+    keep = nm_mask(w0, NM(2, 4))
+    step0 = torch.rand(8, 1, dtype=torch.double) * 0.3 + 0.05  # small steps: some values clamp
+    g = torch.randn(8, 32, dtype=torch.double)
+    grads = []
+    for fused in (True, False):
+        w, step = w0.clone().requires_grad_(), step0.clone().requires_grad_()
+        if fused:
+            out = _SRSTELSQ.apply(w, keep, step, -7, 7, decay)
+        else:
+            out = _LSQRoundClamp.apply(_SRSTE.apply(w, keep, decay), step, -7, 7)
+        out.backward(g)
+        grads.append((out.detach(), w.grad, step.grad))
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-12)
+    assert (grads[0][0][~keep] == 0).all()
+    assert (grads[0][0].abs() > 7 * step0 + 1e-9).sum() == 0  # clamped at the top level
+
+
+def test_row_cosine_matches_torch_values_and_gradients():
+    torch.manual_seed(0)
+    a = torch.randn(6, 20, dtype=torch.double, requires_grad=True)
+    b = torch.randn(6, 20, dtype=torch.double, requires_grad=True)
+    ref = torch.nn.functional.cosine_similarity(a, b, dim=1)
+    assert torch.allclose(row_cosine(a, b), ref)
+    assert torch.autograd.gradcheck(row_cosine, (a, b))
+    zero = torch.zeros(2, 5, dtype=torch.double, requires_grad=True)
+    out = row_cosine(zero, torch.ones(2, 5, dtype=torch.double))
+    out.sum().backward()
+    assert torch.equal(out, torch.zeros(2, dtype=torch.double)) and torch.isfinite(zero.grad).all()

@@ -119,4 +119,6 @@ class MagnitudeRTN(Compressor):
 
     def setting(self) -> str:
         parts = [str(self.pattern)] if self.pattern is not None else []
-        return " ".join([*parts, str(self.grid)])
+        # the non-default order is part of the setting, so the leaderboard never pools the two orders
+        suffix = ["q→p"] if self.order == "quantize_then_prune" else []
+        return " ".join([*parts, str(self.grid), *suffix])

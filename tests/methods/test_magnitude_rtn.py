@@ -99,7 +99,7 @@ def test_compressor_prepare_finalize_without_training():
             spec = compressor.specs[name]
             assert (spec.pattern, spec.grid, spec.bits, spec.scale_values) == (NM(2, 4), "uniform", 2, 16)
         finals[order] = torch.cat([model.get_submodule(n).weight.flatten() for n in TARGETS])
-        assert compressor.setting() == "2:4 w2"
+        assert compressor.setting() == {"prune_then_quantize": "2:4 w2", "quantize_then_prune": "2:4 w2 q→p"}[order]
     assert not torch.equal(finals["prune_then_quantize"], finals["quantize_then_prune"])
 
 

@@ -33,6 +33,7 @@ from slope_bench.utils import atomic_write_json, load_state_file, save_state, st
 
 log = logging.getLogger("slope_bench")
 METHOD_RESERVED = ("name", "epochs")
+MODEL_RESERVED = ("name", "dense_lr", "finetune_lr")  # a model's own recipe (read by conf/config.yaml), not constructor arguments
 CACHE_VERSION = 1
 
 
@@ -234,7 +235,9 @@ def run(cfg: DictConfig) -> dict:
     method_name, method_epochs, compressor = build_method(cfg.method)
 
     def new_model():
-        return build("model", cfg.model, drop=("name",), num_classes=task.num_classes, in_chans=task.in_chans, image_size=task.image_size)
+        return build(
+            "model", cfg.model, drop=MODEL_RESERVED, num_classes=task.num_classes, in_chans=task.in_chans, image_size=task.image_size
+        )
 
     model = new_model()
     compressor.num_train = task.num_train

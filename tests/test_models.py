@@ -16,7 +16,7 @@ from slope_bench.metrics import count_macs, measure
 from slope_bench.models import MASKRCNN_PREDICTORS, default_patch_size, maskrcnn, target_names, vit_small
 from slope_bench.sparsity import NM, satisfies_nm
 from slope_bench.train import build_method, run
-from tests.conftest import CONF, METHODS
+from tests.conftest import CONF, METHODS, compose_config
 
 TINY_VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2}
 TINY_MASKRCNN = {
@@ -343,3 +343,17 @@ def test_run_maskrcnn_obc_calibrates_through_detection(make_cfg):
     assert results["method"] == "obc" and "test/segm_map" in results
     assert results["compress/sparsity"] >= 0.5
     assert all(layer.get("calib_rows", 0) > 0 for layer in results["layers"] if not layer["name"].startswith("roi_heads.mask"))
+
+
+@pytest.mark.parametrize(
+    "overrides,dense_lr,finetune_lr",
+    [
+        (["model=vit_small"], 5e-4, 2e-4),  # the ViT's own recipe (conf/model/vit_small.yaml)
+        (["model=vit_small", "dense.lr=1e-3"], 1e-3, 2e-4),  # an explicit value wins
+        (["model=resnet18"], 2e-3, 5e-4),
+        (["model=maskrcnn"], 2e-3, 5e-4),
+    ],
+)
+def test_a_model_may_name_its_own_training_recipe(overrides, dense_lr, finetune_lr, tmp_path):
+    cfg = compose_config(overrides, tmp_path)
+    assert (cfg.dense.lr, cfg.finetune.lr) == (dense_lr, finetune_lr)

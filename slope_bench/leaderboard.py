@@ -251,6 +251,7 @@ def collect(
             layers=[layer for layer in record.get("layers") or [] if isinstance(layer, dict)]
             if isinstance(record.get("layers"), list)
             else [],
+            method_config=record.get("method_config") if isinstance(record.get("method_config"), dict) else None,
         )
         rows.append(row)
     for run_dir in unfinished:
@@ -262,6 +263,7 @@ def collect(
             runs[key] = pd.Series(dtype=object)
     for key in ("metric", "metric_dense", "metric_dense_ft"):
         runs[key] = pd.to_numeric(runs.get(key, pd.Series(dtype=float)), errors="coerce")
+    runs = label_configurations(runs)
     if len(runs):
         runs = runs.sort_values(
             ["model", "task", "method", "setting", "seed", "path"],
@@ -270,6 +272,42 @@ def collect(
         ).reset_index(drop=True)
     problems.sort(key=lambda p: (p["status"], p["path"]))
     return runs, problems
+
+
+def label_configurations(runs: pd.DataFrame) -> pd.DataFrame:
+    """Keep different configurations of one setting apart.
+
+    Runs that share method, model, task and ``setting`` but not ``config_id`` (e.g. a
+    sweep of CoDeQ's ``sparsity_decay``, which does not change the ``w4`` setting name)
+    are not seeds of one setting: their ``setting`` gets the method knobs that differ,
+    ``"unstructured w4 (sparsity_decay=2)"``, or ``"(config <id>)"`` when no method knob
+    differs (another part of the recipe does). Runs without a ``config_id`` (older
+    results) are left as they are.
+    """
+    if runs.empty or "config_id" not in runs:
+        return runs
+    runs = runs.copy()
+    keys = [k for k in (*IDENTITY_KEYS, *sorted(c for c in runs.columns if c.startswith("model_"))) if k in runs]
+    for _, group in runs.groupby(keys, dropna=False, sort=False):
+        ids = group["config_id"].dropna().unique()
+        if len(ids) < 2:
+            continue
+        configs = [c for c in group["method_config"] if isinstance(c, dict)] if "method_config" in group else []
+        varying = sorted({k for c in configs for k in c if len({json.dumps(d.get(k), sort_keys=True) for d in configs}) > 1} - {"name"})
+        labels: dict[str, str] = {}
+        for _, row in group.drop_duplicates("config_id").iterrows():
+            if pd.isna(row["config_id"]):
+                continue
+            config = row.get("method_config") if isinstance(row.get("method_config"), dict) else {}
+            labels[row["config_id"]] = ", ".join(f"{k}={config.get(k)}" for k in varying)
+        taken = list(labels.values())
+        for cid, label in labels.items():  # knobs alone do not tell these apart: add the id
+            if not label or taken.count(label) > 1:
+                labels[cid] = ", ".join(filter(None, (label, f"config {str(cid)[:6]}")))
+        for index, row in group.iterrows():
+            if not pd.isna(row["config_id"]):
+                runs.at[index, "setting"] = f"{row['setting']} ({labels[row['config_id']]})"
+    return runs
 
 
 # --------------------------------------------------------------------------- aggregate

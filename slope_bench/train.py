@@ -218,6 +218,18 @@ def dense_key(cfg: DictConfig) -> dict:
     }
 
 
+def config_id(cfg: DictConfig) -> str:
+    """Hash of everything that decides a run's result except the seed: runs that share it
+    are repeats of one setting (the leaderboard pools their seeds, and only theirs)."""
+    dense = {k: v for k, v in OmegaConf.to_container(cfg.dense, resolve=True).items() if k != "cache"}
+    parts = {
+        key: OmegaConf.to_container(cfg[key], resolve=True)
+        for key in ("method", "model", "task", "finetune", "optimizer", "scheduler", "control")
+        if cfg.get(key) is not None
+    }
+    return stable_hash({**parts, "dense": dense, "version": CACHE_VERSION})
+
+
 def cache_path(cfg: DictConfig, kind: str, key: dict) -> Path | None:
     if not cfg.dense.cache:
         return None
@@ -313,6 +325,8 @@ def run(cfg: DictConfig) -> dict:
         "status": "ok",
         "main_metric": main,
         "model_width": cfg.model.get("width"),
+        "config_id": config_id(cfg),
+        "method_config": {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k != "_target_"},
     }
     results.update({f"test/{k}": v for k, v in test.items()})
     results.update({f"test/{k}_dense": v for k, v in dense.metrics.items()})

@@ -226,6 +226,39 @@ def test_model_identity_keys_split_groups(tmp_path: Path) -> None:
     assert (table["rank"] == 1).all() and table["pareto"].all()
 
 
+def test_configurations_of_one_setting_are_not_pooled_as_seeds(tmp_path: Path) -> None:
+    # a sparsity_decay sweep: the setting name is the same, the configuration is not
+    for decay, cid, top1 in ((2.0, "aaaaaaaaaaaa", 0.95), (4.0, "bbbbbbbbbbbb", 0.85)):
+        for seed in (0, 1):
+            config = {"name": "codeq", "w_bits": 4, "sparsity_decay": decay}
+            record = classification("codeq", "unstructured w4", seed, top1 + 0.01 * seed, 10.0, config_id=cid, method_config=config)
+            put(tmp_path, f"sd{decay}_{seed}", record)
+    # same method knobs, another recipe (e.g. finetune.epochs): labelled by its id
+    for seed in (0, 1):
+        config = {"name": "codeq", "w_bits": 4, "sparsity_decay": 2.0}
+        record = classification("codeq", "unstructured w4", seed, 0.9, 10.0, config_id="cccccccccccc", method_config=config)
+        put(tmp_path, f"ft_{seed}", record)
+    table = leaderboard.aggregate(leaderboard.collect([tmp_path])[0]).set_index("setting")
+    assert sorted(table.index) == [
+        "unstructured w4 (sparsity_decay=2.0, config aaaaaa)",
+        "unstructured w4 (sparsity_decay=2.0, config cccccc)",
+        "unstructured w4 (sparsity_decay=4.0)",
+    ]
+    assert (table["n"] == 2).all()
+    assert table.loc["unstructured w4 (sparsity_decay=4.0)", "metric"] == pytest.approx(0.855)
+    paths = leaderboard.write([tmp_path], tmp_path / "board")
+    assert "unstructured w4 (sparsity_decay=4.0)" in Path(paths["md"]).read_text()
+    assert len(pd.read_csv(paths["csv"])) == 3
+
+
+def test_one_configuration_over_seeds_stays_one_row(tmp_path: Path) -> None:
+    for seed in (0, 1, 2):
+        config = {"name": "slope", "n": 2, "m": 4, "w_bits": 4}
+        put(tmp_path, f"s{seed}", classification("slope", "2:4 w4", seed, 0.9, 10.0, config_id="dddddddddddd", method_config=config))
+    table = leaderboard.aggregate(leaderboard.collect([tmp_path])[0])
+    assert list(table["setting"]) == ["2:4 w4"] and list(table["n"]) == [3]
+
+
 def test_pareto_front_hand_made() -> None:
     points = pd.DataFrame(
         {

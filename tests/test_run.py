@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from slope_bench.train import run
+from slope_bench.train import config_id, run
 from tests.conftest import METHODS, ROOT, SHRINK
 
 CONTRACT = [
@@ -19,7 +19,7 @@ CONTRACT = [
     "compress/ratio", "compress/ratio_nominal", "compress/bits_per_weight", "compress/sparsity",
     "compress/bops", "compress/bops_ratio",
     "compress/packed_bytes", "compress/dense_bytes", "compress/measured_ratio",
-    "time/fit_s", "time/step_ms", "time/step_ms_dense", "layers",
+    "time/fit_s", "time/step_ms", "time/step_ms_dense", "layers", "config_id", "method_config",
 ]  # fmt: skip
 LAYER_KEYS = ["name", "shape", "pattern", "w_bits", "granularity", "sparsity", "levels", "sqnr_db"]
 
@@ -30,6 +30,7 @@ def check_contract(results: dict) -> None:
     assert 0 <= results["test/top1"] <= 1 and 0 <= results["test/top1_dense"] <= 1
     assert results["test/retention"] == pytest.approx(results["test/top1"] / results["test/top1_dense"])
     assert results["layers"], "no per-layer records"
+    assert results["method_config"]["name"] == results["method"] and "_target_" not in results["method_config"]
     for layer in results["layers"]:
         assert all(k in layer for k in LAYER_KEYS), layer
 
@@ -105,3 +106,11 @@ def test_cli_wandb_offline_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert list((run_dir / "wandb").glob("offline-run-*")), "no offline W&B run written"
     assert torch.tensor(json.loads((run_dir / "results.json").read_text())["compress/ratio"]) > 1
+
+
+def test_config_id_names_the_configuration_not_the_seed(make_cfg, tmp_path):
+    base = config_id(make_cfg("method=codeq"))
+    assert config_id(make_cfg("method=codeq", "seed=3")) == base  # seeds of one configuration
+    assert config_id(make_cfg("method=codeq", cache=tmp_path)) == base  # where files go does not matter
+    assert config_id(make_cfg("method=codeq", "method.sparsity_decay=1.0")) != base  # a knob the setting name hides
+    assert config_id(make_cfg("method=codeq", "finetune.epochs=2")) != base  # the budget

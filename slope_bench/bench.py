@@ -45,6 +45,19 @@ def grid(methods: list[str]) -> list[tuple[str, list[str]]]:
     return out
 
 
+def available_methods() -> list[str]:
+    """The methods that exist: the stems of ``conf/method/*.yaml``."""
+    return sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
+
+
+def check_methods(parser: argparse.ArgumentParser, methods: list[str]) -> None:
+    """Exit through ``parser.error`` (code 2) when a name is not a method config."""
+    available = available_methods()
+    unknown = sorted(set(methods) - set(available))
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}: expected some of {', '.join(available)}")
+
+
 def compose_run(overrides: list[str], out_dir: Path, cache_dir: Path, data_dir: Path) -> DictConfig:
     """The real config tree with ``overrides``, writing this run under ``out_dir``."""
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
@@ -94,11 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     from slope_bench import leaderboard
     from slope_bench.train import record_failure, run
 
-    available = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
-    methods = args.methods or available
-    unknown = sorted(set(methods) - set(available))
-    if unknown:
-        parser.error(f"unknown method(s) {unknown}: expected some of {', '.join(available)}")
+    methods = args.methods or available_methods()
+    check_methods(parser, methods)
     jobs = [(m, o, s) for s in range(args.seeds) for m, o in grid(methods)]
     runs_dir = args.out / "runs"
     timings: list[dict] = []

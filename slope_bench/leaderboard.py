@@ -287,8 +287,7 @@ def label_configurations(runs: pd.DataFrame) -> pd.DataFrame:
     if runs.empty or "config_id" not in runs:
         return runs
     runs = runs.copy()
-    keys = [k for k in (*IDENTITY_KEYS, *sorted(c for c in runs.columns if c.startswith("model_"))) if k in runs]
-    for _, group in runs.groupby(keys, dropna=False, sort=False):
+    for _, group in runs.groupby(group_keys(runs), dropna=False, sort=False):
         ids = group["config_id"].dropna().unique()
         if len(ids) < 2:
             continue

@@ -125,6 +125,8 @@ def _rank_below(groups: torch.Tensor, n: int) -> torch.Tensor:
     recomputed at every SR-STE forward, the hot path of N:M training).
     """
     m = groups.shape[1]
+    if m == 1:
+        return torch.ones_like(groups, dtype=torch.bool)
     cols = [groups[:, i].contiguous() for i in range(m)]
     beaten: list[torch.Tensor | None] = [None] * m  # per column: how many entries beat it
     for i in range(m):
@@ -132,8 +134,6 @@ def _rank_below(groups: torch.Tensor, n: int) -> torch.Tensor:
             j_wins = cols[j] > cols[i]  # a tie goes to the lower position i
             for k, wins in ((i, j_wins), (j, ~j_wins)):
                 beaten[k] = wins.to(torch.uint8) if beaten[k] is None else beaten[k].add_(wins)
-    if m == 1:
-        return torch.ones_like(groups, dtype=torch.bool)
     return torch.stack(beaten, 1) < n
 
 

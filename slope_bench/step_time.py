@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from slope_bench.bench import CONF_DIR, check_methods, machine
 from slope_bench.models import resnet18, target_names, vit_small
 from slope_bench.train import build_method
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 DEFAULT_METHODS = ["dense", "prune", "quantize", "naive", "slope", "codeq", "sqs", "prune_then_quantize"]
 
 
@@ -72,10 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per method (after 2 warm-up steps)")
     parser.add_argument("--out", type=Path, default=None, help="folder for step_time.json / step_time.md")
     args = parser.parse_args(argv)
-    available = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
-    unknown = sorted(set(args.methods) - set(available))
-    if unknown:
-        parser.error(f"unknown method(s) {unknown}: expected some of {', '.join(available)}")
+    check_methods(parser, args.methods)
     if any(s < 1 for s in args.size) or args.width < 1 or args.batch < 1 or args.steps < 1:
         parser.error("--size, --width, --batch and --steps must be positive")
     methods = ["dense", *[m for m in args.methods if m != "dense"]]
@@ -88,8 +85,6 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"size": size, "method": method, "step_ms": round(ms, 1), "vs_dense": round(ms / dense, 2)})
             print(f"{size:>3}px  {method:<20} {ms:8.1f} ms  {ms / dense:5.2f}x dense", flush=True)
     if args.out is not None:
-        from slope_bench.bench import machine
-
         args.out.mkdir(parents=True, exist_ok=True)
         record = {
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

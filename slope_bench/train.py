@@ -221,13 +221,12 @@ def dense_key(cfg: DictConfig) -> dict:
 def config_id(cfg: DictConfig) -> str:
     """Hash of everything that decides a run's result except the seed: runs that share it
     are repeats of one setting (the leaderboard pools their seeds, and only theirs)."""
-    dense = {k: v for k, v in OmegaConf.to_container(cfg.dense, resolve=True).items() if k != "cache"}
-    parts = {
-        key: OmegaConf.to_container(cfg[key], resolve=True)
-        for key in ("method", "model", "task", "finetune", "optimizer", "scheduler", "control")
-        if cfg.get(key) is not None
-    }
-    return stable_hash({**parts, "dense": dense, "version": CACHE_VERSION})
+    key = dense_key(cfg)  # model, task, dense recipe, optimizer, version ...
+    del key["seed"], key["dense"]["cache"]  # ... minus the seed and where the reference is kept
+    key.update(
+        {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("method", "finetune", "scheduler", "control") if cfg.get(k) is not None}
+    )
+    return stable_hash(key)
 
 
 def cache_path(cfg: DictConfig, kind: str, key: dict) -> Path | None:

@@ -157,11 +157,8 @@ class NMQuantWeight(CompressedWeight):
     # ---- pattern ---------------------------------------------------------------------
     def mask(self, weight: torch.Tensor) -> torch.Tensor | None:
         """Current keep-mask (float), or ``None`` when the layer is dense."""
-        if self.pattern is None:
-            return None
-        if self.frozen_mask is not None:
-            return self.frozen_mask
-        return self.keep(weight).to(weight.dtype)
+        keep = self.keep(weight)
+        return None if keep is None else keep.to(weight.dtype)
 
     def keep(self, weight: torch.Tensor) -> torch.Tensor | None:
         """Current keep-mask as bool (the hot path's form), or ``None`` when dense."""
@@ -184,15 +181,14 @@ class NMQuantWeight(CompressedWeight):
         out = weight
         keep = self.keep(weight)
         grid = self.grid
+        step = grad_scale(self.step, self.step_grad_scale) if grid is not None else None
         if grid is not None and keep is not None and grid.symmetric and not grid.binary:
-            step = grad_scale(self.step, self.step_grad_scale)
             w, k = grouped(weight, grid), grouped(keep, grid)
             out = _SRSTELSQ.apply(w, k, step.expand(w.shape[0], 1), grid.qmin, grid.qmax, self.sr_ste_decay).reshape(weight.shape)
         else:
             if keep is not None:
                 out = _SRSTE.apply(weight, keep, self.sr_ste_decay)
             if grid is not None:
-                step = grad_scale(self.step, self.step_grad_scale)
                 out = fake_quantize(out, step, grid)
                 if keep is not None and grid.binary:  # sign(0) = +1: re-zero pruned weights
                     out = keep_masked(out, keep.to(out.dtype))

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
-.PHONY: help install run test test-full lint format bench bench-step leaderboard clean
+.PHONY: help install run test test-full lint format bench bench-grid bench-step leaderboard clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -34,8 +34,11 @@ lint: install  ## ruff lint + format check
 format: install  ## apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
 
-bench: install  ## the embedded benchmark grid -> experiments/digits_resnet18/
+bench: install  ## who wins: tune (val) -> 5 seeds (test) -> paired comparisons -> experiments/digits_resnet18/VERDICTS.md
 	$(PY) -m slope_bench.bench $(ARGS)
+
+bench-grid: install  ## the untuned grid: every method at its defaults, 2:4/1:4 x 4/3/2 bits, 3 seeds -> experiments/digits_resnet18_grid/
+	$(PY) -m slope_bench.bench grid $(ARGS)
 
 bench-step: install  ## step time of each method vs dense (resnet18, 8x8 and 32x32) -> experiments/step_time/
 	$(PY) -m slope_bench.step_time --size 8 32 --steps 8 --out experiments/step_time $(ARGS)

@@ -181,8 +181,8 @@ def collect_hessians(model: nn.Module, layer_names: Sequence[str], batches: Iter
     out = {}
     for name, stat in stats.items():
         if stat.hessian is None:
-            d_col = model.get_submodule(name).weight[0].numel()
-            out[name] = torch.zeros(d_col, d_col, dtype=torch.float64)
+            weight = model.get_submodule(name).weight
+            out[name] = torch.zeros(weight[0].numel(), weight[0].numel(), dtype=torch.float64, device=weight.device)
         else:
             out[name] = stat.hessian
     return out

@@ -8,7 +8,7 @@ leaves ``results.json`` with ``status: failed`` and its error; a diverged single
 prints one line and exits 1. In a multirun a failed job is recorded and the others go on.
 
 ``python -m slope_bench.cli`` is the same entry point; a multi-device run uses it to
-start its other local ranks (see :func:`slope_bench.lit.process_group`).
+start its other local ranks (see :func:`slope_bench.distributed.process_group`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+from slope_bench.utils import CONF_DIR
+
 log = logging.getLogger("slope_bench")
 
 
@@ -61,6 +62,13 @@ def precheck(argv: list[str]) -> None:
             for choice in value.split(","):
                 if choice and not (CONF_DIR / key / f"{choice}.yaml").is_file():
                     fail(f"{key}={choice!r} is not allowed: expected one of {', '.join(options(key))}")
+    from slope_bench.errors import ConfigError
+    from slope_bench.validate import check_writable
+
+    try:
+        check_writable("hydra.run.dir", run_dir_of(argv))
+    except ConfigError as e:
+        fail(str(e))
     if "-m" in argv or "--multirun" in argv:
         return  # sweep values are checked per job
     plain = [a for a in overrides if not a.split("=", 1)[0].lstrip("+~").startswith("hydra")]
@@ -76,23 +84,39 @@ def precheck(argv: list[str]) -> None:
 
 
 def describe(error: Exception, overrides: list[str]) -> str:
-    """One line for a composition error, naming the key and the allowed keys."""
+    """One line for a composition error, naming the key and the keys its parent has
+    (composed with the other overrides, so ``method=codeq method.n=2`` lists CoDeQ's)."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     for item in overrides:
         key = item.split("=", 1)[0].lstrip("+~")
         if f"'{key}'" in str(error) and "." in key:
             parent, leaf = key.rsplit(".", 1)
+            others = [o for o in overrides if o is not item]
             try:
                 from hydra import compose, initialize_config_dir
 
                 with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-                    cfg = compose("config")
+                    cfg = compose("config", overrides=others)
                 node = OmegaConf.select(cfg, parent)
                 if isinstance(node, DictConfig):
-                    return f"{key} is not a known key: {parent} has {', '.join(k for k in node.keys() if k != '_target_')}"
+                    owner = f"{parent} ({node.name})" if parent == "method" and "name" in node else parent
+                    return f"{key} is not a known key: {owner} has {', '.join(k for k in node.keys() if k != '_target_')}"
             except Exception:
                 pass
     return text
+
+
+def run_dir_of(argv: list[str]) -> Path:
+    """Where this job will write: ``hydra.run.dir`` / ``hydra.sweep.dir`` when given,
+    else the default log folder (``paths.log_dir``, ``paths.root_dir``/outputs)."""
+    values = dict(a.lstrip("+~").split("=", 1) for a in argv if "=" in a and not a.startswith("-"))
+    multirun = "-m" in argv or "--multirun" in argv
+    for key in ("hydra.sweep.dir",) if multirun else ("hydra.run.dir",):
+        if key in values:
+            return Path(values[key].strip("\"'"))
+    if "paths.log_dir" in values:
+        return Path(values["paths.log_dir"])
+    return Path(values.get("paths.root_dir", ".")) / "outputs"
 
 
 def discard_empty_run_dir(cfg: DictConfig) -> None:
@@ -110,11 +134,14 @@ def main(cfg: DictConfig) -> float | tuple | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from slope_bench import train
+    from slope_bench import report, train
+    from slope_bench.distributed import process_group
     from slope_bench.errors import ConfigError
-    from slope_bench.lit import DivergenceError, process_group
+    from slope_bench.lit import DivergenceError
     from slope_bench.tasks.base import DatasetError
+    from slope_bench.utils import quiet_third_party
 
+    quiet_third_party()
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     rank = 0
     try:
@@ -126,11 +153,11 @@ def main(cfg: DictConfig) -> float | tuple | None:
             sys.exit(1)
         if isinstance(e, (ConfigError, DatasetError)):
             if multirun:
-                train.record_failure(cfg, e)
+                report.record_failure(cfg, e)
                 return None
             discard_empty_run_dir(cfg)
             fail(str(e))
-        train.record_failure(cfg, e)
+        report.record_failure(cfg, e)
         if multirun:
             log.exception("job failed; recorded as status=failed")
             return None
@@ -139,7 +166,7 @@ def main(cfg: DictConfig) -> float | tuple | None:
         raise
     if rank != 0:
         return None
-    return train.objectives(cfg, results)
+    return report.objectives(cfg, results)
 
 
 if __name__ == "__main__":

@@ -69,3 +69,27 @@ def check_choice(key: str, value: Any, choices: tuple | list) -> Any:
     if value not in choices:
         raise ConfigError(key, value, "one of " + ", ".join(map(str, choices)))
     return value
+
+
+def check_int(key: str, value: Any, low: int | None = None, high: int | None = None) -> int:
+    """An integer (not a bool) within ``low..high`` (either bound may be ``None``)."""
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    ok = ok and (low is None or value >= low) and (high is None or value <= high)
+    if not ok:
+        if low is not None and high is not None:
+            allowed = f"an integer in {low}..{high}"
+        elif low is not None:
+            allowed = f"an integer >= {low}"
+        elif high is not None:
+            allowed = f"an integer <= {high}"
+        else:
+            allowed = "an integer"
+        raise ConfigError(key, value, allowed)
+    return value
+
+
+def check_bool(key: str, value: Any) -> bool:
+    """``true`` or ``false`` (not 0/1 or a string)."""
+    if not isinstance(value, bool):
+        raise ConfigError(key, value, "true or false")
+    return value

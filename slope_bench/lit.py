@@ -1,25 +1,25 @@
-"""The Lightning module that drives a model, a task and a compressor through training,
-and the plumbing that lets a run scale out and survive interruptions.
+"""The Lightning module that drives a model, a task and a compressor through training.
 
-* :class:`LitCompress` — ``loss = task_loss + compressor.penalty()``; checkpoints carry
-  the compressor's Python-side state (see :func:`compressor_state`) and the RNG states,
-  so a resumed fit continues exactly where the killed one stopped.
-* :func:`process_group` — starts the other processes of a multi-device (DDP) run once,
-  before the run, and joins their process group; :func:`global_rank`,
-  :func:`broadcast_object` and :func:`barrier` are no-ops in a single-process run.
+* :class:`LitCompress` — ``loss = task_loss + compressor.penalty()``, then
+  ``compressor.on_step``; checkpoints carry the compressor's
+  :meth:`~slope_bench.methods.base.Compressor.state_dict`, the ``requires_grad`` flags
+  and the RNG states, so a resumed fit continues exactly where the killed one stopped.
+* :func:`fit` — one training phase of a run (dense reference, dense fine-tune control,
+  compression) with the run's optimizer, schedule, trainer and per-epoch checkpoints.
+
+Multi-process plumbing lives in :mod:`slope_bench.distributed`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import random
-import subprocess
+import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,76 +28,17 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from slope_bench import __version__
+from slope_bench.distributed import DIGEST_ENV, state_digest
+from slope_bench.errors import ConfigError
+from slope_bench.loop import param_groups
 from slope_bench.methods.base import Compressor
 
 log = logging.getLogger("slope_bench")
-DIGEST_ENV = "SLOPE_BENCH_RANK_DIGESTS"  # folder: every rank appends its end-of-fit state digest there
-PLAIN_SCALARS = (bool, int, float, str, type(None))
 
 
 class DivergenceError(RuntimeError):
     """The training loss became NaN or infinite."""
-
-
-# ---------------------------------------------------------------------------- compressor state
-def is_plain(value: Any) -> bool:
-    """True for JSON-like data: scalars, strings, None, and lists/tuples/str-keyed dicts of them."""
-    if isinstance(value, PLAIN_SCALARS):
-        return True
-    if isinstance(value, (list, tuple)):
-        return all(is_plain(v) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and is_plain(v) for k, v in value.items())
-    return False
-
-
-def plain_attributes(obj: Any) -> dict[str, Any]:
-    """Public attributes of ``obj`` holding plain data (``training`` of a module excluded)."""
-    return {k: v for k, v in vars(obj).items() if not k.startswith("_") and k != "training" and is_plain(v)}
-
-
-def compressor_state(compressor: Compressor) -> dict[str, Any]:
-    """The Python-side state of a compressor that its tensors do not hold.
-
-    Tensors (weights, LSQ steps, masks, gates, logits) are in the model's state dict
-    already. What is left is plain data on the compressor and on each of its layer
-    parametrizations (a stage flag, a switch step, the current sparsity of a schedule,
-    a hard-gates flag); it is saved as is and loads with ``weights_only=True``.
-    """
-    layers = getattr(compressor, "layers", {}) or {}
-    return {"attributes": plain_attributes(compressor), "layers": {name: plain_attributes(p) for name, p in layers.items()}}
-
-
-def load_compressor_state(compressor: Compressor, state: dict[str, Any]) -> None:
-    """Set the attributes saved by :func:`compressor_state` back on ``compressor``."""
-    for key, value in state.get("attributes", {}).items():
-        setattr(compressor, key, value)
-    layers = getattr(compressor, "layers", {}) or {}
-    for name, attributes in state.get("layers", {}).items():
-        if name in layers:
-            for key, value in attributes.items():
-                setattr(layers[name], key, value)
-
-
-def state_digest(model: nn.Module, compressor: Compressor) -> str:
-    """sha256 of the compression state: every parameter of ``model`` (weights, LSQ steps,
-    gates, logits, codebooks), every buffer of the compressor's layer parametrizations
-    (masks) and the compressor's plain state. Equal digests = equal state.
-
-    Batch-norm statistics are left out: under DDP each rank updates its own from its own
-    batches and the ranks use rank 0's (see :meth:`LitCompress.on_train_end`).
-    """
-    h = hashlib.sha256()
-    tensors = dict(model.named_parameters())
-    for name, layer in (getattr(compressor, "layers", {}) or {}).items():
-        tensors.update({f"{name}/{b}": t for b, t in layer.named_buffers()})
-    for name, tensor in sorted(tensors.items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    state = compressor_state(compressor)
-    state["layers"] = {name: {k: v for k, v in attributes.items() if v is not None} for name, attributes in state["layers"].items()}
-    h.update(json.dumps(state, sort_keys=True, default=str).encode())  # None marks an empty cache, not state
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------- RNG states
@@ -140,27 +81,6 @@ def loader_generators(loaders: list) -> list[torch.Generator]:
     return found
 
 
-def param_groups(model: nn.Module, compressor: Compressor, lr: float, weight_decay: float) -> list[dict]:
-    """Optimizer groups: parameters whose last name component is a key of
-    ``compressor.optim_groups`` get that group's ``lr`` / ``weight_decay``; 1-D
-    parameters (norms, biases) get no weight decay; everything else the defaults."""
-    overrides = compressor.optim_groups or {}
-    groups: dict[str, dict] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        tag = name.rsplit(".", 1)[-1]
-        if tag in overrides:
-            key = f"method:{tag}"
-            spec = {"lr": lr, "weight_decay": weight_decay, **overrides[tag]}
-        elif p.dim() <= 1:
-            key, spec = "no_decay", {"lr": lr, "weight_decay": 0.0}
-        else:
-            key, spec = "default", {"lr": lr, "weight_decay": weight_decay}
-        groups.setdefault(key, {"params": [], "name": key, **spec})["params"].append(p)
-    return list(groups.values())
-
-
 class StepTimer(pl.Callback):
     """Wall time of each training step (forward, backward, optimizer, compressor)."""
 
@@ -174,6 +94,13 @@ class StepTimer(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: D102
         self.times.append(time.perf_counter() - self._t0)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The step times so far: kept in checkpoints, so a resumed fit reports all its steps."""
+        return {"times": list(self.times)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102
+        self.times = list(state_dict.get("times", []))
 
     @property
     def step_ms(self) -> float | None:
@@ -193,10 +120,21 @@ class LitCompress(pl.LightningModule):
         optimizer: partial optimizer ``(params) -> Optimizer`` (lr/weight_decay read from it).
         scheduler: partial scheduler ``(optimizer, total_steps) -> LRScheduler`` or None.
         val_every: evaluate on the validation split every this many epochs (0: never).
+        fingerprint: the run's deciding configuration (:func:`fingerprint`), written into
+            every checkpoint so that a resume with another configuration is refused.
+        tag: the phase's name in progress lines (``slope fine-tune``).
     """
 
     def __init__(
-        self, model: nn.Module, task, compressor: Compressor, optimizer: Callable, scheduler: Callable | None = None, val_every: int = 1
+        self,
+        model: nn.Module,
+        task,
+        compressor: Compressor,
+        optimizer: Callable,
+        scheduler: Callable | None = None,
+        val_every: int = 1,
+        fingerprint: dict[str, Any] | None = None,
+        tag: str = "train",
     ) -> None:
         super().__init__()
         self.model = model
@@ -205,6 +143,9 @@ class LitCompress(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.val_every = val_every
+        self.fingerprint = fingerprint or {}
+        self.tag = tag
+        self.losses: list[float] = []  # task loss of every step (divergence check)
         self._resumed: dict[str, Any] | None = None
 
     def forward(self, x):
@@ -221,6 +162,7 @@ class LitCompress(pl.LightningModule):
             raise DivergenceError(
                 f"training diverged: loss is {float(loss.detach())} at step {self.global_step} (task loss {float(task_loss.detach())}): lower the learning rate or the method's penalty weight"
             )
+        self.losses.append(float(task_loss.detach()))
         bs = len(batch[0]) if isinstance(batch, (list, tuple)) else None
         self.log("train/loss", task_loss.detach(), prog_bar=True, batch_size=bs)
         if isinstance(penalty, torch.Tensor):
@@ -234,43 +176,53 @@ class LitCompress(pl.LightningModule):
         if stats:
             self.log_dict({f"train/{k}": float(v) for k, v in stats.items()}, batch_size=1)
 
+    def on_train_epoch_start(self) -> None:
+        self._epoch_start = (time.perf_counter(), len(self.losses))
+
     def on_train_epoch_end(self) -> None:
+        metrics = {}
         if self.val_every and (self.current_epoch + 1) % self.val_every == 0 and self.trainer.is_global_zero:
             metrics = self.task.evaluate(self.model, "val")  # every rank holds the same weights: rank 0 evaluates
             self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=True, rank_zero_only=True)
+        if self.trainer.is_global_zero:  # one line per epoch: progress readable in a log file (SLURM, nohup, CI)
+            start, first = getattr(self, "_epoch_start", (time.perf_counter(), 0))
+            losses = self.losses[first:]
+            parts = [f"{self.tag}: epoch {self.current_epoch + 1}/{self.trainer.max_epochs}"]
+            if losses:
+                parts.append(f"loss {sum(losses) / len(losses):.4f}")
+            parts += [f"val/{k} {v:.4f}" for k, v in metrics.items()]
+            parts.append(f"{time.perf_counter() - start:.1f} s")
+            log.info(" · ".join(parts))
 
     # ---- checkpoints: resume where a killed fit stopped -------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Add the compressor's plain state, the ``requires_grad`` flags, the step budget and
+        """Add the compressor's state, the ``requires_grad`` flags, the step budget and
         the RNG states to the checkpoint (all loadable with ``weights_only=True``)."""
         checkpoint["slope_bench"] = {
-            "compressor": compressor_state(self.compressor),
+            "compressor": self.compressor.state_dict(),
             "requires_grad": {n: p.requires_grad for n, p in self.model.named_parameters()},
             "total_steps": int(self.trainer.estimated_stepping_batches),
             "rng": collect_rng_states(self.train_loaders()),
+            "losses": list(self.losses),
+            "config": self.fingerprint,
+            "version": __version__,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Bring the compressor to the checkpoint's state before the model's tensors load.
 
-        1. One catch-up ``on_step(global_step - 1, total)``: what a method derives from the
-           step (a stage switch, a pruning schedule, hard gates) is redone, creating any
-           buffer a switch adds (a frozen mask) so the state dict loads strictly; the
-           tensors it computes are overwritten by the checkpoint's right after.
-        2. The plain attributes saved by :func:`compressor_state` are set back exactly
-           (the step a switch happened at, the current sparsity, flags).
-        3. ``requires_grad`` flags stay as at the start of a fit until the optimizer is
-           built (its parameter groups must match the saved optimizer state); the saved
-           flags and RNG states are applied in :meth:`on_train_start`.
+        ``compressor.load_state_dict`` restores its plain state and recreates any buffer
+        that state implies (a frozen mask), so the model's state dict then loads
+        strictly. ``requires_grad`` flags stay as at the start of a fit until the
+        optimizer is built (its parameter groups must match the saved optimizer state);
+        the saved flags and RNG states are applied in :meth:`on_train_start`.
         """
         saved = checkpoint.get("slope_bench")
         if saved is None:
             return
         start = {n: p.requires_grad for n, p in self.model.named_parameters()}
-        step = int(checkpoint.get("global_step", 0))
-        if step > 0:
-            self.compressor.on_step(step - 1, int(saved["total_steps"]))
-        load_compressor_state(self.compressor, saved["compressor"])
+        self.compressor.load_state_dict(saved["compressor"])
+        self.losses = list(saved.get("losses", []))
         for n, p in self.model.named_parameters():
             p.requires_grad_(start.get(n, p.requires_grad))
         self._resumed = saved
@@ -364,127 +316,146 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup: fl
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-# ---------------------------------------------------------------------------- multi-process runs
-RANK_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+# ---------------------------------------------------------------------------- one training phase
+@dataclass
+class Fit:
+    """Wall time of a fit, the median step time (ms), the optimizer steps taken, and the
+    mean task loss over its first and last steps (a tenth of them, 1 to 20 steps)."""
+
+    fit_s: float
+    step_ms: float | None
+    steps: int
+    loss_first: float | None = None
+    loss_last: float | None = None
 
 
-def _dist():
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
-def global_rank() -> int:
-    """This process's rank in the run's process group (0 without one)."""
-    dist = _dist()
-    return dist.get_rank() if dist is not None else 0
+def loss_ends(losses: list[float]) -> tuple[float | None, float | None]:
+    """Mean task loss over the first and the last tenth of ``losses`` (1 to 20 steps each)."""
+    if not losses:
+        return None, None
+    k = min(max(len(losses) // 10, 1), 20)
+    return sum(losses[:k]) / k, sum(losses[-k:]) / k
 
 
-def is_global_zero() -> bool:
-    """True in the process that finalizes, measures and writes (every single-process run)."""
-    return global_rank() == 0
+FINGERPRINT_KEYS = ("seed", "model", "task", "dense", "optimizer", "method", "finetune", "scheduler", "control")
 
 
-def broadcast_object(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank (``obj`` itself without a process group)."""
-    dist = _dist()
-    if dist is None or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+def fingerprint(cfg) -> dict[str, Any]:
+    """The run's deciding configuration as flat ``key: value`` pairs (``method.w_bits: 4``):
+    what a checkpoint must match to be resumed (where files go is left out)."""
+    from omegaconf import OmegaConf
+
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            flat[prefix] = value
+
+    for key in FINGERPRINT_KEYS:
+        if cfg.get(key) is not None:
+            walk(key, OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key])
+    from slope_bench.tasks.base import RESULT_NEUTRAL_KNOBS
+
+    flat.pop("dense.cache", None)
+    return {k: v for k, v in flat.items() if not (k.startswith("task.") and k.split(".", 1)[1] in RESULT_NEUTRAL_KNOBS)}
 
 
-def barrier() -> None:
-    """Wait for every rank (nothing without a process group)."""
-    dist = _dist()
-    if dist is not None and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-@contextmanager
-def process_group(
-    trainer_node, command: Callable[[int], list[str]] | None = None, cwd: str | None = None, wait_s: float = 60.0
-) -> Iterator[int]:
-    """Start the processes of a multi-device run once, before the run, and join their group.
-
-    Lightning's ``ddp`` strategy would start the other ranks at the first
-    ``trainer.fit``; a run has three fits (dense reference, dense fine-tune control,
-    compression), each of which may be skipped by a cache hit, so the ranks are
-    started here instead and every fit reuses the group: cache decisions are made by
-    rank 0 and broadcast (:func:`broadcast_object`). On one node the other local ranks
-    are started with ``command(local_rank)`` (they rerun the same job into the same run
-    dir); under SLURM / torchrun, where the cluster starts every process, nothing is
-    started. Yields this process's global rank; single-process runs yield 0 and do nothing.
-
-    Args:
-        trainer_node: the run's ``trainer`` config (``pytorch_lightning.Trainer`` kwargs).
-        command: argv that starts local rank ``k`` of this job (needed on one node).
-        cwd: working directory of those processes.
-        wait_s: how long rank 0 waits for the other local ranks to exit at the end.
+def usable_checkpoint(path: Path, expected: dict[str, Any], tag: str) -> str | None:
+    """``path`` when it can be resumed, ``None`` when it is unreadable (it is then renamed
+    ``last.ckpt.unreadable-<n>`` with a warning, and the phase restarts).
 
     Raises:
-        ConfigError: for a strategy that trains in processes started per fit
-            (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``): the compressor's Python-side
-            state would be lost between fits.
+        ConfigError: naming ``resume`` and the first setting that differs, when the
+            checkpoint belongs to another configuration or another slope_bench version.
     """
-    if trainer_node.get("devices", 1) in (1, "1") and trainer_node.get("num_nodes", 1) in (1, "1"):
-        yield 0
-        return
-    import hydra
-    from pytorch_lightning.strategies import ParallelStrategy
-    from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
-
-    from slope_bench.errors import ConfigError
-
-    probe = hydra.utils.instantiate(
-        trainer_node, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
-    )
-    strategy = probe.strategy
-    if probe.world_size == 1 or not isinstance(strategy, ParallelStrategy):
-        yield 0
-        return
-    if not isinstance(strategy.launcher, _SubprocessScriptLauncher):
-        raise ConfigError(
-            "trainer.strategy",
-            trainer_node.get("strategy"),
-            "ddp or ddp_find_unused_parameters_true (processes that live for the whole run)",
-        )
-    environment = strategy.cluster_environment
-    saved_env = {k: os.environ.get(k) for k in RANK_ENV}
-    children: list[subprocess.Popen] = []
-    dist = None
     try:
-        if not environment.creates_processes_externally:
-            if command is None:
-                raise RuntimeError("a multi-device run starts its other processes with the job's command: run it through run.py")
-            os.environ.update(
-                MASTER_ADDR=environment.main_address,
-                MASTER_PORT=str(environment.main_port),
-                NODE_RANK=str(environment.node_rank()),
-                LOCAL_RANK="0",
-                WORLD_SIZE=str(probe.world_size),
-            )
-            for local_rank in range(1, strategy.num_processes):
-                children.append(subprocess.Popen(command(local_rank), env={**os.environ, "LOCAL_RANK": str(local_rank)}, cwd=cwd))
-            log.info("started %d more local processes for %d-process DDP", len(children), probe.world_size)
-        strategy.setup_environment()  # joins the process group: gloo on CPU, nccl on GPUs
-        import torch.distributed as dist
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        meta = saved["slope_bench"] if "slope_bench" in saved else {}
+    except Exception as e:  # truncated, damaged or not plain data: never executed, never used
+        aside = path.with_name(f"{path.name}.unreadable-{time.time_ns()}")
+        path.rename(aside)
+        log.warning(
+            "%s: checkpoint %s is unreadable (%s): set aside as %s, restarting this phase", tag, path, str(e).splitlines()[0], aside.name
+        )
+        return None
+    version = meta.get("version", __version__)
+    if version != __version__:
+        raise ConfigError("resume", True, f"a checkpoint of slope_bench {__version__}: {path} was written by {version}")
+    recorded = meta.get("config")
+    if recorded is not None and recorded != expected:
+        for key in sorted(set(recorded) | set(expected)):
+            if recorded.get(key, "<unset>") != expected.get(key, "<unset>"):
+                raise ConfigError(
+                    "resume",
+                    True,
+                    f"the configuration {path} was written with: {key} is {expected.get(key, '<unset>')!r} here, "
+                    f"{recorded.get(key, '<unset>')!r} there",
+                )
+    return str(path)
 
-        yield strategy.global_rank
-    finally:
-        if dist is not None and dist.is_initialized():
-            dist.destroy_process_group()
-        deadline = time.monotonic() + wait_s
-        for child in children:
-            try:
-                child.wait(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                log.warning("local rank process %d did not exit: terminating it", child.pid)
-                child.terminate()
-                child.wait()
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+
+def fit(
+    model: nn.Module,
+    task,
+    compressor: Compressor,
+    epochs: int,
+    lr: float,
+    cfg,
+    logger=None,
+    tag: str = "train",
+    checkpoint: str | None = None,
+) -> Fit:
+    """Train ``model`` for ``epochs`` at peak ``lr`` with the run's optimizer, schedule and trainer.
+
+    With ``checkpoint`` set, ``<run dir>/checkpoints/<checkpoint>/last.ckpt`` is written
+    after every epoch, and ``resume=true`` continues from it (loaded with ``weights_only=True``).
+    """
+    import hydra
+
+    if epochs == 0:
+        return Fit(0.0, None, 0)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # a fit's randomness must not depend on which earlier fits were cache hits
+    timer = StepTimer()
+    callbacks: list[pl.Callback] = [timer]
+    ckpt_path = None
+    if checkpoint is not None:
+        from pytorch_lightning.callbacks import ModelCheckpoint
+
+        folder = Path(cfg.paths.output_dir) / "checkpoints" / checkpoint
+        # one file, last.ckpt, replaced (atomically) after every epoch
+        callbacks.append(
+            ModelCheckpoint(folder, "last", save_top_k=1, every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False)
+        )
+        if cfg.get("resume", False) and (folder / "last.ckpt").is_file():
+            ckpt_path = usable_checkpoint(folder / "last.ckpt", fingerprint(cfg), tag)
+            if ckpt_path:
+                log.info("%s: resuming from %s", tag, ckpt_path)
+    lit = LitCompress(
+        model,
+        task,
+        compressor,
+        optimizer=hydra.utils.instantiate(cfg.optimizer, lr=lr),
+        scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        val_every=cfg.get("val_every", 1),
+        fingerprint=fingerprint(cfg),
+        tag=tag,
+    )
+    trainer = hydra.utils.instantiate(
+        cfg.trainer,
+        enable_progress_bar=bool(cfg.trainer.get("enable_progress_bar", True)) and sys.stderr.isatty(),  # a live bar in a terminal only
+        max_epochs=epochs,
+        logger=logger if logger is not None else False,
+        callbacks=callbacks,
+        enable_checkpointing=checkpoint is not None,
+        default_root_dir=cfg.paths.output_dir,
+    )
+    log.info("%s: %d epochs", tag, epochs)
+    t0 = time.perf_counter()
+    try:
+        trainer.fit(lit, datamodule=task, ckpt_path=ckpt_path, weights_only=True)
+    except DivergenceError as e:
+        raise DivergenceError(f"{tag}: {e}") from None
+    return Fit(time.perf_counter() - t0, timer.step_ms, int(trainer.global_step), *loss_ends(lit.losses))

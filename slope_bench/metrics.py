@@ -12,7 +12,10 @@ Convention (METHODS.md, "Accounting"), stated in every report:
   - otherwise the cheapest of: dense codes (zero has a code), a 1-bit mask plus the
     nonzero codes, or run-length indices (best field width ``r`` in 1..16, filler
     entries for longer gaps);
-  - scales / offsets / codebooks: 16 bits each (``LayerSpec.scale_values``).
+  - scales / offsets / zero points / codebooks: 16 bits each (``LayerSpec.scale_values``,
+    zero points included: ``LayerSpec.zero_points`` of them). The level count of a grid
+    (e.g. ``2^b`` on the signed and asymmetric grids, ``2^b − 1`` on the symmetric one) is
+    measured, so it needs no declaration; a clipping search stores nothing beyond the scale.
 * Tensors not targeted: 32 bits per element.
 * BOPs: Σ_ops MACs × b_w × b_a × density, MACs counted with
   ``torch.utils.flop_counter.FlopCounterMode``; weight layers use their measured ``b_w``
@@ -30,7 +33,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from slope_bench.methods.base import LayerSpec
-from slope_bench.quant import sqnr_db
+from slope_bench.quant import group_rows, sqnr_db
 from slope_bench.sparsity import NM, satisfies_nm
 
 SCALE_BITS = 16
@@ -55,6 +58,9 @@ class TensorAccount:
     value_bits: int
     index_bits: int
     scale_bits: int
+    grid: str = "float"  # symmetric | signed | asymmetric (uniform kinds) | deadzone | codebook | float | uniform
+    range: str = ""  # how the grid's range was set (LayerSpec.grid_range): lsq | minmax | mse | percentile
+    zero_points: int = 0  # 16-bit zero points, counted in scale_bits
 
     @property
     def total_bits(self) -> int:
@@ -66,16 +72,6 @@ class TensorAccount:
         if out["sqnr_db"] is not None and not math.isfinite(out["sqnr_db"]):
             out["sqnr_db"] = None  # exact reconstruction; JSON has no inf
         return out
-
-
-def group_rows(weight: torch.Tensor, granularity: str, group_size: int = 0) -> torch.Tensor:
-    """``(groups, len)`` view used to count levels: one row per quantization group."""
-    if granularity == "tensor" or weight.dim() < 2:
-        return weight.reshape(1, -1)
-    mat = weight.reshape(weight.shape[0], -1)
-    if granularity == "group" and group_size > 0 and mat.shape[1] % group_size == 0:
-        return mat.reshape(-1, group_size)
-    return mat
 
 
 def distinct_per_row(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,6 +161,9 @@ def account_tensor(name: str, weight: torch.Tensor, spec: LayerSpec, reference: 
         value_bits=value_bits,
         index_bits=index_bits,
         scale_bits=scale_bits,
+        grid=spec.grid_kind or spec.grid,
+        range=spec.grid_range,
+        zero_points=spec.zero_points,
     )
 
 

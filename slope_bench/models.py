@@ -9,58 +9,128 @@ classifier). Pretrained weights (torchvision) or a user checkpoint can be loaded
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
-from slope_bench.errors import ConfigError
+from slope_bench.errors import ConfigError, check_int
+
+if TYPE_CHECKING:
+    from slope_bench.methods.base import Compressor
 
 COMPRESSIBLE = (nn.Conv2d, nn.Linear)
 
 
+def declared_layers(model: nn.Module, attribute: str, knob: str) -> list[str]:
+    """The layers a model declares as ``first_layers`` / ``classifier_layers``.
+
+    Raises:
+        ConfigError: naming ``knob`` when the model declares none, so that keeping them
+            dense cannot silently fail (set the knob to ``true`` to compress them).
+    """
+    names = getattr(model, attribute, None)
+    if names is None:
+        raise ConfigError(knob, False, f"true: {type(model).__name__} declares no {attribute} (a builder in slope_bench.models sets them)")
+    return list(names)
+
+
 def target_names(model: nn.Module, compress_first: bool = False, compress_classifier: bool = False) -> list[str]:
-    """Names of the Conv2d/Linear modules to compress.
+    """Names of the Conv2d/Linear modules to compress, first layer and classifier kept
+    dense unless asked for.
 
     Args:
         model: a model built by this module (carries ``first_layers`` /
-            ``classifier_layers``; plain modules are treated as having none).
+            ``classifier_layers``).
         compress_first: include the first layer(s).
         compress_classifier: include the classifier / final predictors.
+
+    Raises:
+        ConfigError: a layer kind the model does not declare cannot be kept dense.
     """
     skip = set()
     if not compress_first:
-        skip |= set(getattr(model, "first_layers", []))
+        skip |= set(declared_layers(model, "first_layers", "method.compress_first"))
     if not compress_classifier:
-        skip |= set(getattr(model, "classifier_layers", []))
+        skip |= set(declared_layers(model, "classifier_layers", "method.compress_classifier"))
     return [n for n, m in model.named_modules() if isinstance(m, COMPRESSIBLE) and n not in skip and getattr(m, "weight", None) is not None]
 
 
-def load_state(path: str | Path) -> dict[str, torch.Tensor]:
+def choose_targets(model: nn.Module, compressor: Compressor) -> tuple[list[str], dict[str, str]]:
+    """The layers ``compressor`` will compress, and those it cannot (name → reason).
+
+    Applies :func:`target_names` with the method's ``compress_first`` /
+    ``compress_classifier``, then the method's ``supports`` filter; runs before any
+    training.
+
+    Raises:
+        ConfigError: when the method supports none of the model's layers.
+    """
+    targets, skipped = [], {}
+    for name in target_names(model, compressor.compress_first, compressor.compress_classifier):
+        reason = compressor.supports(name, model.get_submodule(name))
+        if reason is None:
+            targets.append(name)
+        else:
+            skipped[name] = reason
+    if skipped and not targets:
+        first = next(iter(skipped.items()))
+        raise ConfigError("method", compressor.name, f"a method that supports at least one layer of this model ({first[0]}: {first[1]})")
+    return targets, skipped
+
+
+def load_state(path: str | Path, key: str = "model.checkpoint") -> dict[str, torch.Tensor]:
     """Read a state dict from safetensors, or a torch file with ``weights_only=True``.
 
     Lightning checkpoints (``state_dict`` with a ``model.`` prefix) are unwrapped.
+
+    Raises:
+        ConfigError: naming ``key`` when the file is missing, unreadable, or not a
+            mapping of names to tensors.
     """
     path = Path(path)
+    allowed = "a readable .safetensors/.pt/.ckpt state dict"
     if not path.is_file():
-        raise ConfigError("model.checkpoint", str(path), "an existing .safetensors/.pt/.ckpt file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        raise ConfigError(key, str(path), f"{allowed} (no such file)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(
+            key, str(path), f"{allowed} ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+        ) from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ConfigError(key, str(path), f"{allowed}: a mapping of names to tensors, got {type(state).__name__}")
     if any(k.startswith("model.") for k in state):
         state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     return state
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
-    state = load_state(path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+def load_checkpoint(model: nn.Module, path: str | Path, key: str = "model.checkpoint") -> nn.Module:
+    """Load a state dict for this exact model (every key, every shape).
+
+    Raises:
+        ConfigError: naming ``key``, with the first missing key or the first key whose
+            shape differs (both shapes), in one line.
+    """
+    state = load_state(path, key)
+    own = model.state_dict()
+    for name, tensor in state.items():
+        if name in own and own[name].shape != tensor.shape:
+            raise ConfigError(
+                key, str(path), f"a state dict of this model: {name} is {list(tensor.shape)} there, {list(own[name].shape)} here"
+            )
+    missing = [k for k in own if k not in state]
     if missing:
-        raise ConfigError("model.checkpoint", str(path), f"a state dict for this model (missing {missing[:3]}...)")
+        raise ConfigError(key, str(path), f"a state dict of this model: it lacks {missing[0]} (and {len(missing) - 1} more)")
+    model.load_state_dict(state, strict=False)
     return model
 
 
@@ -96,6 +166,7 @@ class ResNet18(tv_resnet.ResNet):
 
 def resnet18(
     num_classes: int,
+    name: str = "resnet18",
     in_chans: int = 3,
     image_size: int = 224,
     width: int = 64,
@@ -107,6 +178,7 @@ def resnet18(
 
     Args:
         num_classes: classifier outputs.
+        name: the model's name as recorded in results.json (the yaml's ``name``).
         in_chans: input channels.
         image_size: input side; decides the stem when ``small_input`` is None.
         width: base channels (64 is the standard network; stages use w, 2w, 4w, 8w).
@@ -144,14 +216,9 @@ def default_patch_size(image_size: int) -> int:
     return 16 if image_size >= 128 else max(image_size // 4, 1)
 
 
-def _positive_int(key: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(key, value, "an integer >= 1")
-    return value
-
-
 def vit_small(
     num_classes: int,
+    name: str = "vit_small",
     in_chans: int = 3,
     image_size: int = 224,
     patch_size: int | None = None,
@@ -172,6 +239,7 @@ def vit_small(
 
     Args:
         num_classes: classifier outputs.
+        name: the model's name as recorded in results.json (the yaml's ``name``).
         in_chans: input channels.
         image_size: input side (square).
         patch_size: patch side; ``None`` picks :func:`default_patch_size`.
@@ -191,12 +259,12 @@ def vit_small(
     from timm.models.vision_transformer import VisionTransformer
 
     for key, value in (("model.embed_dim", embed_dim), ("model.depth", depth), ("model.num_heads", num_heads), ("image_size", image_size)):
-        _positive_int(key, value)
+        check_int(key, value, 1)
     if embed_dim % num_heads:
         raise ConfigError("model.num_heads", num_heads, f"a divisor of model.embed_dim={embed_dim}")
     if patch_size is None:
         patch_size = default_patch_size(image_size)
-    _positive_int("model.patch_size", patch_size)
+    check_int("model.patch_size", patch_size, 1)
     if image_size % patch_size:
         raise ConfigError("model.patch_size", patch_size, f"a divisor of the task's image size {image_size}")
     if not isinstance(mlp_ratio, (int, float)) or isinstance(mlp_ratio, bool) or mlp_ratio <= 0:
@@ -233,6 +301,66 @@ def vit_small(
         block.attn.fused_attn = bool(fused_attention)
     model.first_layers = ["patch_embed.proj"]
     model.classifier_layers = ["head"]
+    if checkpoint:
+        load_checkpoint(model, checkpoint)
+    return model
+
+
+# ---------------------------------------------------------------------------- any timm classifier
+def timm_model(
+    name: str,
+    num_classes: int,
+    in_chans: int = 3,
+    image_size: int = 224,
+    pretrained: bool = False,
+    checkpoint: str | None = None,
+    **overrides,
+) -> nn.Module:
+    """Any timm classification model, named by its timm name: a new model is one yaml.
+
+    Example ``conf/model/mobilenetv3_small_100.yaml``::
+
+        _target_: slope_bench.models.timm_model
+        name: mobilenetv3_small_100
+
+    The first layer and the classifier (kept dense unless the method says otherwise)
+    come from timm's ``pretrained_cfg`` (``first_conv``, ``classifier``); when a model's
+    config does not name them, or names a module the model does not have, they are
+    left undeclared and a method that would keep them dense stops with an error naming
+    ``method.compress_first`` / ``method.compress_classifier`` (never a silent default).
+
+    Args:
+        name: the timm model name (also the name recorded in results.json).
+        num_classes: classifier outputs.
+        in_chans: input channels.
+        image_size: the task's input side (timm's models adapt to it through global
+            pooling; a model that needs it, such as a ViT, gets it via ``img_size`` in
+            ``overrides``).
+        pretrained: load timm's pretrained weights (hub download; only where the user has them).
+        checkpoint: a state dict file for this exact model.
+        **overrides: further ``timm.create_model`` keyword arguments from the yaml
+            (e.g. ``drop_rate``, width-like knobs where the model has them).
+
+    Raises:
+        ConfigError: naming ``model.name`` when timm has no such model.
+    """
+    import timm
+
+    if not isinstance(name, str) or not timm.is_model(name):
+        close = timm.list_models(f"*{str(name).split('_')[0]}*")[:5] if isinstance(name, str) else []
+        hint = f" (e.g. {', '.join(close)})" if close else ""
+        raise ConfigError("model.name", name, f"a timm model name{hint}")
+    check_int("num_classes", num_classes, 1)
+    check_int("in_chans", in_chans, 1)
+    model = timm.create_model(name, pretrained=bool(pretrained), num_classes=num_classes, in_chans=in_chans, **overrides)
+    modules = dict(model.named_modules())
+    config = getattr(model, "pretrained_cfg", None) or {}
+    for attribute, key in (("first_layers", "first_conv"), ("classifier_layers", "classifier")):
+        named = config.get(key)
+        names = [named] if isinstance(named, str) else list(named or [])
+        names = [n for n in names if isinstance(modules.get(n), COMPRESSIBLE)]
+        if names:
+            setattr(model, attribute, names)
     if checkpoint:
         load_checkpoint(model, checkpoint)
     return model
@@ -298,6 +426,7 @@ def resnet_body(backbone: str, in_chans: int = 3, width: int = 64, norm: str = "
 
 def maskrcnn(
     num_classes: int,
+    name: str = "maskrcnn",
     in_chans: int = 3,
     image_size: int = 800,
     backbone: str = "resnet50",
@@ -335,6 +464,7 @@ def maskrcnn(
     are the classifier layers.
 
     Args:
+        name: the model's name as recorded in results.json (the yaml's ``name``).
         num_classes: outputs of the predictors, background included (COCO: 91, the
             category ids as labels).
         in_chans: image channels (the first conv is rebuilt when not 3).
@@ -393,11 +523,11 @@ def maskrcnn(
         "image_size": image_size,
     }
     for key, value in ints.items():
-        _positive_int(key, value)
+        check_int(key, value, 1)
     if isinstance(trainable_backbone_layers, bool) or trainable_backbone_layers not in range(6):
         raise ConfigError("model.trainable_backbone_layers", trainable_backbone_layers, "an integer in 0..5")
-    min_size = _positive_int("model.min_size", image_size if min_size is None else min_size)
-    max_size = _positive_int("model.max_size", max(round(image_size * 1333 / 800), min_size) if max_size is None else max_size)
+    min_size = check_int("model.min_size", image_size if min_size is None else min_size, 1)
+    max_size = check_int("model.max_size", max(round(image_size * 1333 / 800), min_size) if max_size is None else max_size, 1)
     anchors = tuple(COCO_ANCHOR_SIZES if anchor_sizes is None else anchor_sizes)
     if len(anchors) != 5 or not all(isinstance(a, int) and not isinstance(a, bool) and a > 0 for a in anchors):
         raise ConfigError("model.anchor_sizes", anchor_sizes, "null or 5 positive integers (one anchor size per FPN level)")

@@ -1,6 +1,9 @@
-"""Sparsity patterns and pure mask functions.
+"""Sparsity patterns, pure mask functions and pruning schedules.
 
-Patterns are frozen dataclasses; every function here is a pure tensor function.
+Patterns are frozen dataclasses; every function here is a pure tensor function. Besides
+the masks of one tensor (:func:`nm_mask`, :func:`magnitude_mask`), the gradual-pruning
+tools live here: the cubic schedule of Zhu & Gupta (:func:`cubic_sparsity`) and one
+global ranking across tensors (:func:`global_prune_masks`).
 Weights are seen as 2-D ``(out_features, in_features)`` matrices: a conv weight
 ``(out, in, kh, kw)`` is flattened along ``in * kh * kw`` (the SR-STE convention), or,
 with ``order="channel_major"``, along ``kh * kw * in`` so that groups run across input
@@ -137,6 +140,24 @@ def _rank_below(groups: torch.Tensor, n: int) -> torch.Tensor:
     return torch.stack(beaten, 1) < n
 
 
+class SRSTE(torch.autograd.Function):
+    """Forward ``w ⊙ mask``; backward ``g + λ_w · (1 − mask) ⊙ w`` (SR-STE, Zhou et al.
+    2021, Eq. 6). ``keep`` is a bool mask; ``SRSTE.apply(weight, keep, decay)``."""
+
+    @staticmethod
+    def forward(ctx, weight, keep, decay):  # noqa: D102
+        ctx.save_for_backward(weight, keep)
+        ctx.decay = decay
+        return weight * keep  # multiplying by a bool mask is ~4x faster than torch.where on CPU
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        weight, keep = ctx.saved_tensors
+        if not ctx.decay:
+            return grad, None, None
+        return grad.add(weight * ~keep, alpha=ctx.decay), None, None
+
+
 def satisfies_nm(weight: torch.Tensor, pattern: NM) -> bool:
     """True when every group of ``m`` holds at most ``n`` nonzeros."""
     mat = as_matrix(weight.detach(), pattern.order)
@@ -169,3 +190,57 @@ def magnitude_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
 def sparsity_of(weight: torch.Tensor) -> float:
     """Fraction of exact zeros."""
     return float((weight == 0).sum()) / max(weight.numel(), 1)
+
+
+def cubic_sparsity(progress: float, initial: float, final: float, start: float, end: float) -> float:
+    """Zhu & Gupta (2017) cubic schedule, Eq. (1), on the fraction of training done.
+
+    ``s_t = s_f + (s_i − s_f)(1 − (t − t0)/(t1 − t0))³`` for ``t0 <= t <= t1``; ``s_i``
+    before ``t0`` and ``s_f`` after ``t1``.
+
+    Args:
+        progress: fraction of training done, ``t``.
+        initial: ``s_i``.
+        final: ``s_f``.
+        start: ``t0``, fraction of training.
+        end: ``t1 > t0``, fraction of training.
+    """
+    if progress <= start:
+        return initial
+    if progress >= end:
+        return final
+    remaining = 1.0 - (progress - start) / (end - start)
+    return final + (initial - final) * remaining**3
+
+
+def global_prune_masks(scores: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
+    """Keep-masks removing exactly ``round(sparsity · total)`` lowest scores across tensors.
+
+    One threshold over all tensors pooled (global ranking); ties at the threshold are
+    broken by position. Give already-pruned entries a negative score (the others are
+    ``>= 0``) so that they are removed first and pruning stays monotone.
+
+    Args:
+        scores: one score tensor per layer.
+        sparsity: fraction of all entries to remove, in ``[0, 1)``.
+
+    Returns:
+        One bool keep-mask per score tensor.
+    """
+    flat = torch.cat([s.detach().reshape(-1).float() for s in scores])
+    remove = int(round(sparsity * flat.numel()))
+    if remove <= 0:
+        keep = torch.ones_like(flat, dtype=torch.bool)
+    else:
+        threshold = flat.kthvalue(remove).values
+        below = flat < threshold
+        keep = ~below
+        missing = remove - int(below.sum())
+        if missing > 0:
+            tied = (flat == threshold).nonzero().reshape(-1)[:missing]
+            keep[tied] = False
+    out, offset = [], 0
+    for s in scores:
+        out.append(keep[offset : offset + s.numel()].reshape(s.shape))
+        offset += s.numel()
+    return out

@@ -2,10 +2,10 @@
 
 The cost a method adds to a step is proportional to the number of targeted weights
 (masks, fake quantization, penalties), while the dense step scales with the input size:
-the ratio is therefore a property of (model width, input size, batch), and both are
-knobs here. Every method comes from its ``conf/method/*.yaml`` exactly as ``run.py``
-builds it; one step is forward, loss + ``penalty()``, backward, AdamW step and
-``on_step``::
+the ratio is therefore a property of (model, width, input size, batch), and all are
+knobs here. Every method comes from its ``conf/method/*.yaml`` and every model from its
+``conf/model/*.yaml`` exactly as ``run.py`` builds them; one step is forward, loss +
+``penalty()``, backward, AdamW step and ``on_step`` (:func:`slope_bench.loop.drive`)::
 
     python -m slope_bench.step_time                              # resnet18, 8x8, batch 128
     python -m slope_bench.step_time --size 32 --methods dense slope --steps 6
@@ -18,61 +18,70 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import hydra
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from slope_bench.bench import CONF_DIR, check_methods, machine
-from slope_bench.models import resnet18, target_names, vit_small
-from slope_bench.train import build_method
+from slope_bench.bench import CONF_DIR, check_names, machine
+from slope_bench.loop import drive
+from slope_bench.methods.base import RunInfo
+from slope_bench.train import method_from_yaml
 
 DEFAULT_METHODS = ["dense", "prune", "quantize", "naive", "slope", "codeq", "sqs", "prune_then_quantize"]
+NUM_CLASSES = 10
+NUM_TRAIN = 1437  # the digits training split: what a default run tells SQS's KL weight
+
+
+def build_model(model_name: str, size: int, width: int | None = None) -> torch.nn.Module:
+    """A ``conf/model/<model_name>.yaml`` classifier for ``size``-pixel RGB inputs."""
+    node = OmegaConf.load(CONF_DIR / "model" / f"{model_name}.yaml")
+    node = OmegaConf.create({k: v for k, v in OmegaConf.to_container(node).items() if k not in ("defaults", "dense_lr", "finetune_lr")})
+    if width is not None and "width" in node:
+        node.width = width
+    return hydra.utils.instantiate(node, num_classes=NUM_CLASSES, in_chans=3, image_size=size)
 
 
 def step_ms(
-    method: str, size: int, width: int, batch: int, steps: int, warmup: int = 2, seed: int = 0, model_name: str = "resnet18"
-) -> float:
-    """Median wall time (ms) of one training step of ``method`` (ResNet-18 at ``width``, or ViT-S)."""
+    method: str, size: int, width: int | None, batch: int, steps: int, warmup: int = 2, seed: int = 0, model_name: str = "resnet18"
+) -> float | None:
+    """Median wall time (ms) of one training step of ``method`` (None: a post-training method)."""
     torch.manual_seed(seed)
-    if model_name == "vit_small":
-        model = vit_small(num_classes=10, image_size=size)
-    else:
-        model = resnet18(num_classes=10, width=width, image_size=size)
-    node = OmegaConf.load(CONF_DIR / "method" / f"{method}.yaml")
-    _, _, compressor = build_method(node)
-    model = compressor.prepare(model, target_names(model, compressor.compress_first, compressor.compress_classifier))
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(batch, 3, size, size)
-    y = torch.randint(0, 10, (batch,))
-    total = warmup + steps
-    times = []
-    for i in range(total):
-        t0 = time.perf_counter()
-        loss = F.cross_entropy(model(x), y) + compressor.penalty()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        compressor.on_step(i, total)
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times[warmup:])
+    model = build_model(model_name, size, width)
+    compressor = method_from_yaml(method)
+    if not compressor.requirements.trains:
+        return None
+    data = [(torch.randn(batch, 3, size, size), torch.randint(0, NUM_CLASSES, (batch,)))]
+    driven = drive(
+        model,
+        compressor,
+        data,
+        lambda m, b: F.cross_entropy(m(b[0]), b[1]),
+        steps=warmup + steps,
+        info=RunInfo(num_train=NUM_TRAIN, seed=seed),
+        lr=1e-4,
+        finalize=False,
+    )
+    return 1000 * statistics.median(driven.step_seconds[warmup:])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="*", default=DEFAULT_METHODS)
     parser.add_argument("--size", type=int, nargs="*", default=[8], help="input side(s) in pixels")
-    parser.add_argument("--model", choices=["resnet18", "vit_small"], default="resnet18")
-    parser.add_argument("--width", type=int, default=64, help="ResNet-18 base width (64 = standard)")
+    parser.add_argument("--model", default="resnet18", help="a conf/model/*.yaml classifier")
+    parser.add_argument("--width", type=int, default=64, help="model.width where the model has it (ResNet-18: 64 = standard)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per method (after 2 warm-up steps)")
     parser.add_argument("--out", type=Path, default=None, help="folder for step_time.json / step_time.md")
     args = parser.parse_args(argv)
-    check_methods(parser, args.methods)
+    check_names(parser, "method", args.methods)
+    check_names(parser, "model", [args.model])
+    if args.model == "maskrcnn":
+        parser.error("--model maskrcnn: step_time times classifiers (detection steps need targets)")
     if any(s < 1 for s in args.size) or args.width < 1 or args.batch < 1 or args.steps < 1:
         parser.error("--size, --width, --batch and --steps must be positive")
     methods = ["dense", *[m for m in args.methods if m != "dense"]]
@@ -81,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         dense = None
         for method in methods:
             ms = step_ms(method, size, args.width, args.batch, args.steps, model_name=args.model)
+            if ms is None:
+                print(f"{size:>3}px  {method:<20} post-training: no training steps", flush=True)
+                continue
             dense = dense or ms
             rows.append({"size": size, "method": method, "step_ms": round(ms, 1), "vs_dense": round(ms / dense, 2)})
             print(f"{size:>3}px  {method:<20} {ms:8.1f} ms  {ms / dense:5.2f}x dense", flush=True)
@@ -90,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": machine(),
             "threads": torch.get_num_threads(),
-            "model": f"resnet18 width {args.width}" if args.model == "resnet18" else "vit_small (384/12/6)",
+            "model": f"{args.model} width {args.width}" if args.model == "resnet18" else args.model,
             "batch": args.batch,
             "steps": args.steps,
             "rows": rows,

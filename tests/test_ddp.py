@@ -11,8 +11,8 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
+from slope_bench.distributed import DIGEST_ENV, broadcast_object, global_rank, process_group
 from slope_bench.errors import ConfigError
-from slope_bench.lit import DIGEST_ENV, broadcast_object, global_rank, process_group
 from tests.conftest import ROOT, SHRINK
 from tests.test_run import check_contract
 

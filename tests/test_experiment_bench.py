@@ -11,7 +11,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from slope_bench import train
+from slope_bench import references, train
 from slope_bench.models import resnet18
 from tests.conftest import CONF, compose_config
 
@@ -56,6 +56,7 @@ def test_bench_digits_end_to_end_with_a_matched_dense_control(tmp_path, monkeypa
         return fitted
 
     monkeypatch.setattr(train, "fit", recording_fit)
+    monkeypatch.setattr(references, "fit", recording_fit)
     batch = 256
     cfg = compose_config(
         [

@@ -1,9 +1,10 @@
-"""Packed export: bit streams, N:M ranks, run length, exact round trips, measured size, bad files, CLI."""
+"""Packed export: exact round trips in every declared form, measured size, reproducible bytes,
+bad files, the verify command line. (Bit-level codecs: tests/test_codecs.py; the coded
+file and every method's finalized weights: tests/test_coded.py.)"""
 
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 
@@ -20,26 +21,19 @@ from slope_bench.export import (
     encode_tensor,
     export_packed,
     load_packed,
-    nm_rank,
-    nm_unrank,
-    pack_bits,
     pack_state,
     positive_zeros,
-    rle_decode,
-    rle_encode,
-    rle_width,
+    safetensors_bytes,
     same_bits,
-    unpack_bits,
     write_packed,
 )
+from slope_bench.levels import uniform_scales, unique_integers
 from slope_bench.methods.base import LayerSpec
-from slope_bench.metrics import account_tensor, measure, run_length_bits
-from slope_bench.models import resnet18, target_names
+from slope_bench.metrics import account_tensor, measure
+from slope_bench.models import resnet18
 from slope_bench.quant import UniformGrid, fp16_exact, grouped, harden, rtn_step
 from slope_bench.sparsity import NM, Unstructured, nm_mask, satisfies_nm
 from slope_bench.utils import save_state
-from tests.conftest import METHODS
-from tests.methods.test_all_methods import Toy, method_compressor
 
 NM_PATTERNS = [NM(1, 4), NM(2, 4), NM(2, 8), NM(4, 8)]
 
@@ -77,73 +71,6 @@ def uniform(
     out = positive_zeros(harden(kept, rtn_step(kept, grid), grid, mask))
     spec = LayerSpec(pattern if pattern is not None else Unstructured(), "uniform", bits, "channel", grouped(weight, grid).shape[0])
     return out, spec
-
-
-# ---------------------------------------------------------------------------- bit streams
-@pytest.mark.parametrize("bits", [*range(1, 9), 11, 16, 24, 32])
-@pytest.mark.parametrize("count", [0, 1, 7, 13, 1001])
-def test_pack_unpack_round_trip(bits, count):
-    codes = torch.randint(0, 1 << bits, (count,), generator=torch.Generator().manual_seed(bits * count), dtype=torch.int64)
-    data = pack_bits(codes, bits)
-    assert data.dtype == torch.uint8 and data.numel() == math.ceil(count * bits / 8)
-    assert torch.equal(unpack_bits(data, bits, count), codes)
-
-
-def test_pack_layout_is_little_endian_lsb_first():
-    assert pack_bits(torch.tensor([1, 2, 3]), 3).tolist() == [0b11010001, 0b0]
-    assert pack_bits(torch.tensor([0xABC]), 12).tolist() == [0xBC, 0x0A]
-
-
-def test_pack_spans_blocks(monkeypatch):
-    monkeypatch.setattr(export, "CHUNK", 16)
-    codes = torch.randint(0, 32, (101,), generator=torch.Generator().manual_seed(1))
-    assert torch.equal(unpack_bits(pack_bits(codes, 5), 5, 101), codes)
-
-
-def test_pack_rejects_bad_codes():
-    with pytest.raises(ValueError, match="codes must lie"):
-        pack_bits(torch.tensor([8]), 3)
-    with pytest.raises(ValueError, match="codes must lie"):
-        pack_bits(torch.tensor([-1]), 3)
-    with pytest.raises(ValueError, match="need 2 bytes"):
-        unpack_bits(torch.zeros(1, dtype=torch.uint8), 3, 5)
-
-
-# ---------------------------------------------------------------------------- N:M ranks
-@pytest.mark.parametrize("pattern", NM_PATTERNS, ids=str)
-def test_nm_rank_is_a_bijection(pattern):
-    n, m = pattern.n, pattern.m
-    every = (torch.arange(1 << m)[:, None] >> torch.arange(m)) & 1
-    keep = every[every.sum(1) == n].bool()
-    ranks = nm_rank(keep)
-    assert sorted(ranks.tolist()) == list(range(math.comb(m, n)))
-    assert math.ceil(math.log2(math.comb(m, n))) == pattern.index_bits
-    assert torch.equal(nm_unrank(ranks, n, m), keep)
-
-
-@pytest.mark.parametrize("pattern", NM_PATTERNS, ids=str)
-def test_nm_rank_round_trip_random(pattern):
-    score = torch.randn(37, pattern.m, generator=torch.Generator().manual_seed(3))
-    keep = nm_mask(score, pattern)
-    assert torch.equal(nm_unrank(nm_rank(keep), pattern.n, pattern.m), keep)
-    with pytest.raises(ValueError, match="ranks must lie"):
-        nm_unrank(torch.tensor([math.comb(pattern.m, pattern.n)]), pattern.n, pattern.m)
-
-
-# ---------------------------------------------------------------------------- run length
-@pytest.mark.parametrize("density", [0.0, 0.002, 0.05, 0.3, 0.9, 1.0])
-def test_rle_round_trip_and_cost(density):
-    nonzero = torch.rand(5003, generator=torch.Generator().manual_seed(7)) < density
-    width, cost = rle_width(nonzero, 4)
-    assert cost == run_length_bits(nonzero, 4)
-    for r in (1, 3, width, 16):
-        gaps, positions = rle_encode(nonzero, r)
-        assert bool((gaps < 1 << r).all())
-        assert torch.equal(rle_decode(gaps), positions)
-        rebuilt = torch.zeros_like(nonzero)
-        rebuilt[positions] = True
-        assert torch.equal(rebuilt | ~nonzero, torch.ones_like(nonzero))  # every nonzero has an entry
-        assert bool((~nonzero[positions]).sum() == positions.numel() - nonzero.sum())  # the rest are fillers on zeros
 
 
 # ---------------------------------------------------------------------------- one tensor
@@ -275,7 +202,7 @@ def test_negative_zeros_are_restored():
 def hardened_resnet():
     """resnet18 width 16, every conv hardened at 2:4 w4 (zeros made +0.0 as the pipeline does)."""
     torch.manual_seed(0)
-    model = resnet18(10, 3, 8, width=16)
+    model = resnet18(num_classes=10, image_size=8, width=16)
     pattern = NM(2, 4)
     specs = {}
     for name, module in model.named_modules():
@@ -404,12 +331,73 @@ def test_writer_refuses_bad_input():
         pack_state({"a::b": torch.ones(2)}, {})
 
 
+def test_writer_handles_non_finite_values():
+    """A diverged run's NaN / inf weights (and an all-inf group) are stored exactly."""
+    weight = torch.tensor([[1.0, float("nan"), float("inf"), 0.0], [float("inf"), float("-inf"), float("inf"), float("inf")]])
+    for spec in (LayerSpec(None, "uniform", 4, "channel", 2), LayerSpec(NM(2, 4), "uniform", 4, "channel", 2)):
+        round_trip(weight, spec)
+
+
+# ---------------------------------------------------------------------------- value forms
+def _slow_uniform_scales(flat, group_len, max_divisor=256):
+    """The documented search, group by group: the first fp16(v_min / k) that fits every value."""
+    scales = []
+    for group in flat.reshape(-1, group_len):
+        values = group[group != 0]
+        if values.numel() == 0:
+            scales.append(1.0)
+            continue
+        for k in range(1, max_divisor + 1):
+            s = fp16_exact(values.abs().min() / k)
+            a = torch.round(values / s)
+            if bool(torch.isfinite(s)) and float(s) > 0 and bool((a * s == values).all()) and bool((a.abs() < 1 << 15).all()):
+                scales.append(float(s))
+                break
+        else:
+            return None
+    return torch.tensor(scales)
+
+
+def test_uniform_scales_matches_the_documented_search():
+    generator = torch.Generator().manual_seed(11)
+    step = fp16_exact(torch.rand(12, 1, generator=generator) * 0.1 + 0.01)
+    q = torch.randint(-7, 8, (12, 30), generator=generator).float()
+    q[:4] = q[:4] * 2 + torch.sign(q[:4]) * 2  # smallest |level| 2 or 4: needs k > 1
+    q[5] = 0  # an empty group
+    flat = (q * step).reshape(-1)
+    assert torch.equal(uniform_scales(flat, 30), _slow_uniform_scales(flat, 30))
+    assert uniform_scales(torch.randn(64, generator=generator), 32) is None
+    assert uniform_scales(torch.randn(64, generator=generator), 32, max_levels=16) is None
+
+
+def test_unique_integers_matches_torch_unique():
+    for values in (torch.randint(-40, 40, (999,)), torch.arange(-3, 9), torch.tensor([5, 1 << 40, -3]), torch.zeros(0, dtype=torch.int64)):
+        got, want = unique_integers(values), torch.unique(values, return_inverse=True)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+# ---------------------------------------------------------------------------- reproducible bytes
+def test_metadata_keys_are_sorted(small_file):
+    path, _, _ = small_file
+    data = path.read_bytes()
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])
+    assert (8 + int.from_bytes(data[:8], "little")) % 8 == 0
+    tensors = {"b": torch.ones(3), "a": torch.arange(4, dtype=torch.int16)}
+    meta = {f"k{i}": str(i) for i in range(20)}
+    again = safetensors_bytes(tensors, dict(reversed(meta.items())))
+    assert safetensors_bytes(tensors, meta) == again
+    from safetensors.torch import load
+
+    assert torch.equal(load(again)["a"], tensors["a"])
+
+
 # ---------------------------------------------------------------------------- command line
 def test_verify_cli(small_file, capsys):
     path, state, _ = small_file
     run_dir = path.parent
     save_state(run_dir / "finalized.safetensors", state, metadata={"method": "test"})
-    assert export.main(["verify", str(run_dir)]) == 0
+    assert export.main(["verify", str(run_dir)]) == 0  # an old run dir: packed file only
     printed = capsys.readouterr().out
     assert "measured ratio" in printed and "identical" in printed
     tampered = dict(state, **{"layer.bias": state["layer.bias"] + 1})
@@ -421,6 +409,19 @@ def test_verify_cli(small_file, capsys):
     assert export.main(["verify", str(run_dir / "nowhere")]) == 2
 
 
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "header"])
+def test_verify_on_a_damaged_finalized_file_is_one_line(small_file, capsys, damage):
+    path, state, _ = small_file
+    finalized = path.parent / "finalized.safetensors"
+    save_state(finalized, state)
+    data = finalized.read_bytes()
+    finalized.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x00" * 7, "header": data[:9] + b"#" + data[10:]}[damage])
+    capsys.readouterr()
+    assert export.main(["verify", str(path.parent)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "finalized.safetensors" in err, err
+
+
 def test_verify_module_entry_point(small_file):
     path, state, _ = small_file
     save_state(path.parent / "finalized.safetensors", state)
@@ -429,32 +430,3 @@ def test_verify_module_entry_point(small_file):
     )
     assert done.returncode == 0, done.stderr
     assert "measured ratio" in done.stdout
-
-
-def test_unique_integers_matches_torch_unique():
-    for values in (torch.randint(-40, 40, (999,)), torch.tensor([5, 1 << 40, -3]), torch.zeros(0, dtype=torch.int64)):
-        got, want = export.unique_integers(values), torch.unique(values, return_inverse=True)
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-
-
-# ---------------------------------------------------------------------------- every method
-@pytest.mark.parametrize("method", METHODS)
-def test_every_method_packs_exactly_in_its_declared_form(method):
-    """prepare → finalize (no training) on the toy model; the packed file reproduces the
-    finalized state and stores each tensor in the form its spec declares."""
-    torch.manual_seed(0)
-    _, _, compressor = method_compressor(method)
-    compressor.num_train = 64
-    model = Toy()
-    model = compressor.prepare(model, target_names(model, compressor.compress_first, compressor.compress_classifier))
-    model = compressor.finalize(model, [torch.randn(16, 3, 8, 8) for _ in range(4)])
-    state = model.state_dict()
-    data = pack_state(state, compressor.specs)
-    descriptions = json.loads(export.read_metadata(data, method)["tensors"])
-    expected = {"uniform": "uniform", "deadzone": "deadzone", "codebook": "codebook", "float": "raw"}
-    for name, spec in compressor.specs.items():
-        desc = descriptions[f"{name}.weight"]
-        assert desc["values"] in (expected[spec.grid], "raw"), f"{name}: {desc['fallback']}"
-        assert desc["values"] != "raw" or desc["bits"] == 32
-    loaded = export.load_bytes(data)
-    assert all(same_bits(loaded[k], state[k]) for k in state)

@@ -90,3 +90,12 @@ def test_resnet18_reference_figure():
     honest = 32 * (params + buffers) / (32 * (params + buffers - weights) + weights * 0.5 * 4)
     assert honest == pytest.approx(15.6, abs=0.05)
     assert math.isclose(32 / (0.5 * 4), 16)
+
+
+def test_levels_are_counted_per_quantization_group_of_quant():
+    """The accounting groups rows with ``quant.group_rows``, as the quantizers do."""
+    w = torch.tensor([[1.0, 2.0, 1.0, 2.0, 3.0, 4.0, 3.0, 4.0]] * 2)
+    per_channel = account_tensor("w", w, LayerSpec(None, "uniform", 3, "channel", scale_values=2))
+    per_group = account_tensor("w", w, LayerSpec(None, "uniform", 3, "group", scale_values=4, group_size=4))
+    assert (per_channel.levels, per_group.levels) == (4, 2)
+    assert (per_channel.w_bits, per_group.w_bits) == (2, 1)

@@ -11,43 +11,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from slope_bench.errors import ConfigError
-from slope_bench.lit import param_groups
+from slope_bench.loop import drive
 from slope_bench.metrics import count_macs, measure
-from slope_bench.models import MASKRCNN_PREDICTORS, default_patch_size, maskrcnn, target_names, vit_small
+from slope_bench.models import MASKRCNN_PREDICTORS, choose_targets, default_patch_size, maskrcnn, target_names, timm_model, vit_small
 from slope_bench.sparsity import NM, satisfies_nm
-from slope_bench.train import build_method, run
-from tests.conftest import CONF, METHODS, compose_config
-
-TINY_VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2}
-TINY_MASKRCNN = {
-    "backbone": "resnet18",
-    "backbone_width": 8,
-    "fpn_channels": 16,
-    "anchor_sizes": [4, 8, 16, 32, 64],
-    "rpn_pre_nms_top_n_train": 50,
-    "rpn_post_nms_top_n_train": 30,
-    "rpn_pre_nms_top_n_test": 50,
-    "rpn_post_nms_top_n_test": 30,
-    "rpn_batch_size_per_image": 16,
-    "box_batch_size_per_image": 16,
-    "box_detections_per_img": 10,
-    "box_head_dim": 32,
-    "mask_head_channels": 16,
-    "mask_head_layers": 2,
-}
-
-
-def detection_batch(n: int = 2, size: int = 32) -> tuple[list[torch.Tensor], list[dict]]:
-    g = torch.Generator().manual_seed(0)
-    images, targets = [], []
-    for i in range(n):
-        image = torch.rand(3, size, size, generator=g) * 0.1
-        masks = torch.zeros(1, size, size, dtype=torch.uint8)
-        masks[0, 4 + i : 16 + i, 6:18] = 1
-        image[:, masks[0].bool()] = 0.9
-        images.append(image)
-        targets.append({"boxes": torch.tensor([[6.0, 4.0 + i, 18.0, 16.0 + i]]), "labels": torch.tensor([3 + i]), "masks": masks})
-    return images, targets
+from slope_bench.train import run
+from tests.conftest import METHODS, MODELS, TINY_MASKRCNN, TINY_VIT, compose_config, detection_batch, method_from_yaml, tiny_model
 
 
 # ---------------------------------------------------------------------------- ViT-S
@@ -198,15 +167,7 @@ def test_maskrcnn_knobs_and_bad_values():
     assert wide.backbone.fpn.inner_blocks[3][0].in_channels == 8 * 8 * 4  # bottleneck outputs
 
 
-# ---------------------------------------------------------------------------- every method on both models
-def method_compressor(name: str, *overrides: str):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[f"method={name}", *overrides])
-    return build_method(cfg.method)
-
-
+# ---------------------------------------------------------------------------- every method on every model
 def tiny_vit():
     return vit_small(num_classes=10, in_chans=3, image_size=8, **TINY_VIT)
 
@@ -215,64 +176,76 @@ def tiny_maskrcnn():
     return maskrcnn(num_classes=11, in_chans=3, image_size=32, **TINY_MASKRCNN)
 
 
-def classification_steps(model, batch):
-    x, y = batch
-    return nn.functional.cross_entropy(model(x), y)
-
-
-def detection_steps(model, batch):
-    images, targets = batch
-    return sum(model(images, targets).values())
-
-
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("kind", ["vit_small", "maskrcnn"])
-def test_every_method_lifecycle_on_both_models(method, kind):
+@pytest.mark.parametrize("model_name", MODELS)
+def test_every_method_lifecycle_on_every_model(method, model_name):
+    """Every conf/method/*.yaml × every conf/model/*.yaml through the shared four-hook loop."""
     torch.manual_seed(0)
-    name, epochs, compressor = method_compressor(method)
-    if kind == "vit_small":
-        model, loss_fn, example = tiny_vit(), classification_steps, torch.randn(1, 3, 8, 8)
-        data = [(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))) for _ in range(3)]
-        calib = [x for x, _ in data]
-    else:
-        model, loss_fn = tiny_maskrcnn(), detection_steps
-        data = [detection_batch(2) for _ in range(3)]
-        example, calib = data[0][0][:1], [images for images, _ in data]
-    compressor.num_train = 64
-    targets = target_names(model, compressor.compress_first, compressor.compress_classifier)
+    compressor = method_from_yaml(method)
+    model, loss_fn, batches, example = tiny_model(model_name)
+    targets, skipped = choose_targets(model, compressor)
     references = {n: model.get_submodule(n).weight.detach().clone() for n in targets}
-    model = compressor.prepare(model, targets)
-    model.train()
-    steps = 0 if epochs == 0 else len(data)
-    optimizer = torch.optim.AdamW(param_groups(model, compressor, 1e-3, 1e-4))
-    for step in range(steps):
-        loss = loss_fn(model, data[step]) + compressor.penalty()
-        assert torch.isfinite(loss)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        compressor.on_step(step, steps)
-    model = compressor.finalize(model, calib)
-    model.eval()
-    assert set(compressor.specs) == set(targets)
+    untouched = {n: model.get_submodule(n).weight.detach().clone() for n in skipped}
+    driven = drive(model, compressor, batches, loss_fn, steps=1 if compressor.requirements.trains else None)
+    specs = driven.finalized.specs
+    assert set(specs) == set(targets) == set(driven.targets) and driven.skipped == skipped
+    for name, reason in skipped.items():  # kept dense: not wrapped, not hardened
+        assert isinstance(reason, str) and reason
+        assert not parametrize.is_parametrized(model.get_submodule(name))
+        if not compressor.requirements.trains:  # post-training: nothing else may have moved it
+            torch.testing.assert_close(model.get_submodule(name).weight, untouched[name], rtol=0, atol=0)
     for n in targets:
         module = model.get_submodule(n)
         assert not parametrize.is_parametrized(module)
-        spec = compressor.specs[n]
+        spec = specs[n]
         if isinstance(spec.pattern, NM) and spec.pattern.applies_to(module.weight):
             assert satisfies_nm(module.weight, spec.pattern), n
     with torch.no_grad():
         out = model(example)
-    if kind == "maskrcnn":
+    if isinstance(out, list):
         assert set(out[0]) >= {"boxes", "labels", "scores", "masks"}
     else:
         assert torch.isfinite(out).all()
-    report = measure(model, compressor.specs, example, references)
+    report = measure(model, specs, example, references)
     assert {layer["name"] for layer in report["layers"]} == set(targets)
     if method == "dense":
         assert report["compress/sparsity"] == 0 and report["compress/bops_ratio"] == pytest.approx(1.0)
     else:
         assert report["compress/ratio"] > 1.5 and report["compress/bops_ratio"] < 1.0
+
+
+def test_timm_model_takes_first_conv_and_classifier_from_its_config():
+    model = timm_model("mobilenetv3_small_100", num_classes=10, in_chans=3)
+    assert model.first_layers == ["conv_stem"] and model.classifier_layers == ["classifier"]
+    names = target_names(model)
+    assert "conv_stem" not in names and "classifier" not in names and names
+    depthwise = [n for n in names if model.get_submodule(n).groups > 1] if names else []
+    assert depthwise, "mobilenetv3 has depthwise convolutions"
+
+
+def test_obc_keeps_depthwise_convolutions_dense_with_a_reason():
+    model = timm_model("mobilenetv3_small_100", num_classes=10, in_chans=3)
+    targets, skipped = choose_targets(model, method_from_yaml("obc"))
+    assert skipped and all("group" in reason for reason in skipped.values())
+    assert all(model.get_submodule(n).groups == 1 for n in targets)
+    slope_targets, slope_skipped = choose_targets(model, method_from_yaml("slope"))
+    assert not slope_skipped and set(slope_targets) == set(targets) | set(skipped)
+
+
+def test_unknown_timm_model_is_one_line_naming_model_name():
+    with pytest.raises(ConfigError, match=r"^model\.name='no_such_net' is not allowed"):
+        timm_model("no_such_net", num_classes=10)
+
+
+def test_a_model_without_declared_layers_is_an_error_naming_the_knob():
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(ConfigError, match="method.compress_first"):
+        target_names(plain)
+    plain.first_layers = ["0"]
+    with pytest.raises(ConfigError, match="method.compress_classifier"):
+        target_names(plain)
+    assert target_names(plain, compress_classifier=True) == ["2"]
+    assert target_names(plain, compress_first=True, compress_classifier=True) == ["0", "2"]
 
 
 # ---------------------------------------------------------------------------- run.py end to end

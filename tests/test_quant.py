@@ -3,7 +3,25 @@ import math
 import pytest
 import torch
 
-from slope_bench.quant import UniformGrid, codes, fake_quantize, fp16_exact, grad_scale, harden, init_lsq_step, rtn_step, sqnr_db, ste_round
+from slope_bench.quant import (
+    FP16_TINY,
+    MIN_SCALE,
+    UniformGrid,
+    codes,
+    fake_quantize,
+    fp16_exact,
+    grad_scale,
+    grid_codes,
+    grid_values,
+    group_rows,
+    grouped,
+    harden,
+    init_lsq_step,
+    keep_masked,
+    rtn_step,
+    sqnr_db,
+    ste_round,
+)
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
@@ -108,3 +126,57 @@ def test_fused_lsq_gives_lsq_values_and_gradients(bits):
     expected_step = (g * torch.where(inside, r - v, torch.clamp(r, grid.qmin, grid.qmax))).sum(1, keepdim=True)
     assert torch.allclose(step.grad, expected_step, rtol=1e-5, atol=1e-5)
     assert (~inside).any() or bits == 8  # the clamp is exercised at low bit widths
+
+
+@pytest.mark.parametrize(
+    "shape,granularity,group_size,rows",
+    [
+        ((8, 4, 3, 3), "channel", 0, (8, 36)),
+        ((8, 4, 3, 3), "tensor", 0, (1, 288)),
+        ((8, 4, 3, 3), "group", 12, (24, 12)),
+        ((8, 4, 3, 3), "group", 10, (8, 36)),  # does not split evenly: per channel
+        ((8, 4, 3, 3), "group", 0, (8, 36)),  # no group size (an accounting spec's default)
+        ((36,), "channel", 0, (1, 36)),
+        ((36,), "group", 12, (3, 12)),
+    ],
+)
+def test_group_rows_is_the_one_grouping(shape, granularity, group_size, rows):
+    w = torch.arange(float(torch.Size(shape).numel())).reshape(shape)
+    out = group_rows(w, granularity, group_size)
+    assert tuple(out.shape) == rows and torch.equal(out.flatten(), w.flatten())
+    if group_size:
+        assert torch.equal(grouped(w, UniformGrid(4, granularity=granularity, group_size=group_size)), out)
+
+
+def test_grid_codes_and_values_with_and_without_zero_point():
+    grid = UniformGrid(3)
+    v = torch.tensor([[-1.0, -0.26, 0.0, 0.24, 0.9]])
+    step = torch.tensor([[0.25]])
+    q = grid_codes(v, step, grid)
+    assert q.tolist() == [[-3.0, -1.0, 0.0, 1.0, 3.0]]
+    assert torch.equal(grid_values(q, step), q * step)
+    asym = UniformGrid(2, symmetric=False)
+    zero = torch.tensor([[1.0]])
+    qa = grid_codes(v, step, asym, zero)
+    assert qa.tolist() == [[0.0, 0.0, 1.0, 2.0, 3.0]]
+    assert torch.equal(grid_values(qa, step, zero), (qa - 1) * 0.25)
+    binary = grid_codes(torch.tensor([-0.5, 0.0, 2.0], dtype=torch.float64), step, UniformGrid(1))
+    assert binary.tolist() == [-1.0, 1.0, 1.0] and binary.dtype == torch.float64
+
+
+def test_harden_floors_the_step_at_the_smallest_normal_fp16():
+    grid = UniformGrid(4)
+    w = torch.full((2, 8), 1e-7)
+    out = harden(w, torch.full((2, 1), 1e-9), grid)
+    assert float(fp16_exact(torch.tensor(MIN_SCALE))) > 0
+    assert torch.equal(out, torch.zeros_like(w))  # 1e-7 / 6.1e-5 rounds to code 0
+    assert 0 < FP16_TINY < MIN_SCALE and float(fp16_exact(torch.tensor(FP16_TINY))) == FP16_TINY
+
+
+def test_keep_masked_zeroes_forward_and_passes_gradient():
+    out = torch.tensor([1.0, -2.0, 3.0], requires_grad=True)
+    mask = torch.tensor([1.0, 0.0, 1.0])
+    y = keep_masked(out, mask)
+    assert y.tolist() == [1.0, 0.0, 3.0]
+    y.sum().backward()
+    assert out.grad.tolist() == [1.0, 1.0, 1.0]

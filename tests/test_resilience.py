@@ -8,7 +8,6 @@ import json
 import multiprocessing
 import os
 import pathlib
-import pickle
 import signal
 import subprocess
 import sys
@@ -22,11 +21,14 @@ from omegaconf import open_dict
 from safetensors.torch import load_file
 from torch import nn
 
-from slope_bench.lit import DivergenceError, LitCompress, compressor_state, state_digest
-from slope_bench.models import target_names
-from slope_bench.train import Reference, cached_training, load_cached, run
-from tests.conftest import METHODS, ROOT, SHRINK, compose_config
-from tests.methods.test_all_methods import Toy, method_compressor
+from slope_bench.distributed import state_digest
+from slope_bench.errors import ConfigError
+from slope_bench.lit import DivergenceError, LitCompress
+from slope_bench.methods.base import RunInfo
+from slope_bench.models import choose_targets
+from slope_bench.references import Reference, cached_training, load_cached
+from slope_bench.train import run
+from tests.conftest import METHODS, ROOT, SHRINK, ToyNet, compose_config, method_from_yaml
 
 TIMING_KEYS = ("time/",)
 
@@ -39,11 +41,10 @@ def comparable(results: dict) -> dict:
 # ---------------------------------------------------------------------------- compressor state
 def toy_run(method: str):
     torch.manual_seed(0)
-    _, epochs, compressor = method_compressor(method)
-    compressor.num_train = 64
-    model = Toy()
-    model = compressor.prepare(model, target_names(model, compressor.compress_first, compressor.compress_classifier))
-    return epochs, compressor, model
+    compressor = method_from_yaml(method)
+    model = ToyNet()
+    model = compressor.prepare(model, choose_targets(model, compressor)[0], RunInfo(num_train=64))
+    return compressor.requirements.trains, compressor, model
 
 
 def toy_steps(model: nn.Module, compressor, steps: range, total: int) -> None:
@@ -64,11 +65,11 @@ def toy_steps(model: nn.Module, compressor, steps: range, total: int) -> None:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_checkpoint_restores_compressor_state_exactly(method):
-    """Any method: the state saved at step k (tensors + plain attributes, through a
-    ``weights_only=True`` round trip) restores into a fresh model and compressor, which
-    then continue step for step like the uninterrupted one."""
-    epochs, c_a, m_a = toy_run(method)
-    if epochs == 0:
+    """Any method: the state saved at step k (tensors + the compressor's state_dict, through
+    a ``weights_only=True`` round trip) restores into a fresh model and compressor, which
+    then continue step for step like the uninterrupted one (no on_step replay)."""
+    trains, c_a, m_a = toy_run(method)
+    if not trains:
         pytest.skip("post-training method: no fit to resume")
     total, cut = 8, 5
     toy_steps(m_a, c_a, range(cut), total)
@@ -77,7 +78,7 @@ def test_checkpoint_restores_compressor_state_exactly(method):
         "global_step": cut,
         "state_dict": lit_a.state_dict(),
         "slope_bench": {
-            "compressor": compressor_state(c_a),
+            "compressor": c_a.state_dict(),
             "requires_grad": {n: p.requires_grad for n, p in m_a.named_parameters()},
             "total_steps": total,
             "rng": {},
@@ -98,7 +99,9 @@ def test_checkpoint_restores_compressor_state_exactly(method):
     toy_steps(m_a, c_a, range(cut, total), total)
     toy_steps(m_b, c_b, range(cut, total), total)
     assert state_digest(m_b, c_b) == state_digest(m_a, c_a)
-    final_a, final_b = c_a.finalize(m_a, None).state_dict(), c_b.finalize(m_b, None).state_dict()
+    c_a.finalize(m_a, None)
+    c_b.finalize(m_b, None)
+    final_a, final_b = m_a.state_dict(), m_b.state_dict()
     for k in final_a:
         torch.testing.assert_close(final_b[k], final_a[k], rtol=0, atol=0)
 
@@ -126,7 +129,7 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, shared_cache, mo
     out = Path(cfg.paths.output_dir)
     saved = torch.load(out / "checkpoints/compress/last.ckpt", weights_only=True)
     assert saved["global_step"] == whole["train/steps"] // 2
-    assert saved["slope_bench"]["compressor"]["attributes"]["stage"] == 1
+    assert saved["slope_bench"]["compressor"]["stage"] == 1
     assert not (out / "results.json").exists()
 
     with open_dict(cfg):
@@ -148,15 +151,64 @@ class Payload:
         return (pathlib.Path.touch, (self.marker,))
 
 
-def test_resume_refuses_a_checkpoint_that_is_not_plain_data(tmp_path, shared_cache):
+def test_resume_sets_aside_a_checkpoint_that_is_not_plain_data(tmp_path, shared_cache):
+    """A checkpoint that is not plain data is never executed: it is set aside and the phase restarts."""
     cfg = compose_config([*SHRINK, "control.dense_ft=false", "++resume=true"], tmp_path, shared_cache)
     marker = tmp_path / "executed"
     ckpt = Path(cfg.paths.output_dir) / "checkpoints/compress/last.ckpt"
     ckpt.parent.mkdir(parents=True)
     torch.save({"state_dict": {}, "payload": Payload(marker)}, ckpt)
-    with pytest.raises(pickle.UnpicklingError):
-        run(cfg)
+    results = run(cfg)
+    assert results["status"] == "ok"
     assert not marker.exists(), "the checkpoint's code must never run"
+
+
+def crash_then(overrides: list[str], tmp_path: Path, shared_cache: Path, monkeypatch) -> tuple:
+    """Run ``overrides`` until a crash in the second compression epoch; returns (cfg, run dir)."""
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash_in_second_epoch(self):
+        if self.current_epoch == 1 and type(self.compressor).__name__ != "Compressor":
+            raise Crash("simulated crash")
+
+    cfg = compose_config(overrides, tmp_path, shared_cache)
+    with monkeypatch.context() as patch:
+        patch.setattr(LitCompress, "on_train_epoch_start", crash_in_second_epoch)
+        with pytest.raises(Crash):
+            run(cfg)
+    return cfg, Path(cfg.paths.output_dir)
+
+
+def test_resume_with_another_configuration_is_refused(tmp_path, shared_cache, monkeypatch):
+    overrides = [*SHRINK, "finetune.epochs=2", "control.dense_ft=false"]
+    cfg, out = crash_then(overrides, tmp_path, shared_cache, monkeypatch)
+    changed = compose_config([*overrides, "method.w_bits=3", "++resume=true"], tmp_path, shared_cache)
+    with pytest.raises(ConfigError, match=r"^resume=True is not allowed: .*method\.w_bits is 3 here, 4 there"):
+        run(changed)
+    assert not (out / "results.json").exists() and (out / "checkpoints/compress/last.ckpt").is_file()
+
+
+def test_resume_sets_aside_a_truncated_checkpoint_and_keeps_timings(tmp_path, shared_cache, monkeypatch):
+    overrides = [*SHRINK, "finetune.epochs=2", "control.dense_ft=false"]
+    cfg, out = crash_then(overrides, tmp_path, shared_cache, monkeypatch)
+    last = out / "checkpoints/compress/last.ckpt"
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 3])
+    with open_dict(cfg):
+        cfg.resume = True
+    results = run(cfg)
+    assert results["status"] == "ok" and results["time/step_ms"] is not None and results["time/step_ms"] > 0
+
+
+def test_a_resumed_run_keeps_its_timings(tmp_path, shared_cache, monkeypatch):
+    overrides = [*SHRINK, "finetune.epochs=2", "control.dense_ft=false"]
+    cfg, out = crash_then(overrides, tmp_path, shared_cache, monkeypatch)
+    with open_dict(cfg):
+        cfg.resume = True
+    results = run(cfg)
+    assert results["time/step_ms"] is not None and results["time/step_ms"] > 0
 
 
 @pytest.mark.slow

@@ -10,12 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from slope_bench.train import config_id, run
-from tests.conftest import METHODS, ROOT, SHRINK
+from slope_bench.references import config_id
+from slope_bench.train import run
+from tests.conftest import METHODS, MODELS, ROOT, RUN_SHRINK, SHRINK, model_overrides
 
 CONTRACT = [
     "method", "model", "task", "seed", "setting",
-    "test/top1", "test/top1_dense", "test/top1_dense_ft", "test/retention",
+    "test/retention",
     "compress/ratio", "compress/ratio_nominal", "compress/bits_per_weight", "compress/sparsity",
     "compress/bops", "compress/bops_ratio",
     "compress/packed_bytes", "compress/dense_bytes", "compress/measured_ratio",
@@ -24,11 +25,13 @@ CONTRACT = [
 LAYER_KEYS = ["name", "shape", "pattern", "w_bits", "granularity", "sparsity", "levels", "sqnr_db"]
 
 
-def check_contract(results: dict) -> None:
-    missing = [k for k in CONTRACT if k not in results]
+def check_contract(results: dict) -> None:  # noqa: D103
+    main = results["main_metric"]
+    missing = [k for k in [*CONTRACT, f"test/{main}", f"test/{main}_dense", f"test/{main}_dense_ft"] if k not in results]
     assert not missing, f"results.json lacks {missing}"
-    assert 0 <= results["test/top1"] <= 1 and 0 <= results["test/top1_dense"] <= 1
-    assert results["test/retention"] == pytest.approx(results["test/top1"] / results["test/top1_dense"])
+    assert 0 <= results[f"test/{main}"] <= 1 and 0 <= results[f"test/{main}_dense"] <= 1
+    if results[f"test/{main}_dense"]:
+        assert results["test/retention"] == pytest.approx(results[f"test/{main}"] / results[f"test/{main}_dense"])
     assert results["layers"], "no per-layer records"
     assert results["method_config"]["name"] == results["method"] and "_target_" not in results["method_config"]
     for layer in results["layers"]:
@@ -114,3 +117,17 @@ def test_config_id_names_the_configuration_not_the_seed(make_cfg, tmp_path):
     assert config_id(make_cfg("method=codeq", cache=tmp_path)) == base  # where files go does not matter
     assert config_id(make_cfg("method=codeq", "method.sparsity_decay=1.0")) != base  # a knob the setting name hides
     assert config_id(make_cfg("method=codeq", "finetune.epochs=2")) != base  # the budget
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+def test_cli_end_to_end_on_every_model(model_name, tmp_path):
+    """The real ``python run.py model=<name>`` on the model's default task, shrunk: every
+    conf/model/*.yaml (a new model yaml is picked up with no other edit)."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "run.py", *RUN_SHRINK, *model_overrides(model_name), f"hydra.run.dir={run_dir}", f"paths.cache_dir={tmp_path}/c"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    check_contract(results)
+    assert results["model"] == model_name and results["setting"] == "2:4 w4"
+    assert results["compress/ratio"] > 1.5

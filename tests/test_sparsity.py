@@ -1,7 +1,17 @@
 import pytest
 import torch
 
-from slope_bench.sparsity import NM, as_matrix, from_matrix, magnitude_mask, nm_mask, satisfies_nm, sparsity_of
+from slope_bench.sparsity import (
+    NM,
+    as_matrix,
+    cubic_sparsity,
+    from_matrix,
+    global_prune_masks,
+    magnitude_mask,
+    nm_mask,
+    satisfies_nm,
+    sparsity_of,
+)
 
 
 @pytest.mark.parametrize("n,m", [(1, 4), (2, 4), (2, 8), (4, 8), (3, 3)])
@@ -73,3 +83,32 @@ def test_nm_mask_breaks_ties_by_position_on_both_kernels(n, m):
     assert (mask.reshape(-1, m).sum(-1) == n).all()
     if m <= 8:  # topk's choice among equal values is unspecified
         assert torch.equal(mask.reshape(-1, m), ref)
+
+
+def test_cubic_schedule_endpoints_midpoint_and_monotone() -> None:
+    s_i, s_f, t0, t1 = 0.1, 0.7, 0.1, 0.8
+    assert cubic_sparsity(0.0, s_i, s_f, t0, t1) == s_i
+    assert cubic_sparsity(t0, s_i, s_f, t0, t1) == s_i
+    assert cubic_sparsity(t1, s_i, s_f, t0, t1) == pytest.approx(s_f)
+    assert cubic_sparsity(1.0, s_i, s_f, t0, t1) == s_f
+    mid = (t0 + t1) / 2
+    assert cubic_sparsity(mid, s_i, s_f, t0, t1) == pytest.approx(s_f + (s_i - s_f) / 8)
+    values = [cubic_sparsity(t / 200, s_i, s_f, t0, t1) for t in range(201)]
+    assert all(b >= a for a, b in zip(values, values[1:]))
+
+
+def test_global_prune_masks_exact_count_ties_and_monotone() -> None:
+    torch.manual_seed(0)
+    scores = [torch.rand(10, 10), torch.rand(7), torch.full((50,), 0.5)]  # many ties at 0.5
+    masks = global_prune_masks(scores, 0.4)
+    total = sum(s.numel() for s in scores)
+    assert sum(int((~m).sum()) for m in masks) == round(0.4 * total)
+    pooled = torch.cat([s.reshape(-1) for s in scores])
+    kept = torch.cat([m.reshape(-1) for m in masks])
+    assert float(pooled[kept].min()) >= float(pooled[~kept].max())
+    # entries marked pruned (score -1) are removed first, even when their magnitude is large
+    marked = [torch.where(m, s, torch.full_like(s, -1.0)) for s, m in zip(scores, masks)]
+    again = global_prune_masks(marked, 0.6)
+    for m_old, m_new in zip(masks, again):
+        assert not bool((m_new & ~m_old).any())
+    assert sum(int((~m).sum()) for m in again) == round(0.6 * total)

@@ -1,184 +1,44 @@
 """CoDeQ: a learned dead-zone quantizer for joint unstructured pruning and quantization.
 
-Wenshøj, Chen, Pepin, Selvan (arXiv 2512.12981). Per weight tensor ``W`` (METHODS.md, CoDeQ)::
+Wenshøj, Chen, Pepin, Selvan (arXiv 2512.12981). Every targeted tensor is quantized by
+the dead-zone quantizer of :mod:`slope_bench.deadzone` (``a`` = percentile of ``|W|``,
+dead-zone width ``d = 2a·(1 − |tanh θ_d|)``, bits fixed or ``b = round(6·|tanh θ_b| + 2)``;
+``|w| < d/2`` → exactly 0), with one learnable ``θ_d`` (and ``θ_b`` for mixed
+precision) per tensor, both starting at 3.0 (≈1% dead zone, ≈8 bits).
 
-    a = q-th percentile of |W|                    (q = 99 by default, no gradient)
-    b = round(6·|tanh θ_b| + 2)                   learnable bits in [2, 8]; or a fixed b
-    d = 2a·(1 − |tanh θ_d|)                       dead-zone width; |w| < d/2 → exactly 0
-    Q = 2^(b−1) − 1 ;  s = (a − d/2)/(Q − 0.5) ;  δ = d/2 − s/2
-    q = clamp(round(sign(w)·ReLU(|w| − δ)/s), −Q, Q) ;  ŵ = s·q + δ·sign(q)
+Choices the paper leaves open (knobs or stated here):
 
-The nonzero levels are ``±(d/2 + s·(k − ½))``, ``k = 1..Q``: evenly spaced by ``s``, the
-top one equal to ``a``; with ``d = s`` this is the ordinary symmetric quantizer with step
-``a / Q``. Round, clamp and ReLU pass gradients straight through (STE), so weights inside
-the dead zone keep receiving the task gradient and can leave it again; ``θ_d`` and ``θ_b``
-are trained through ``s`` and ``δ``.
-
-Choices the formulas leave open (knobs or stated here):
-
-* ``a`` is the nearest-rank percentile (``k = ceil(q/100 · n)``-th smallest ``|w|``),
-  recomputed from the current weights at every forward.
-* ``s`` is floored at ``1e-12`` so that a fully closed dead zone (``d = 2a``) keeps only
-  the weights beyond ``a``, at ``±a``.
+* ``a`` is recomputed from the current weights at every forward, linearly interpolated as
+  in the reference (``numpy.percentile``; ``percentile_interpolation=nearest_rank`` is the
+  former convention). The grid is CoDeQ's own dead zone: ``grid`` takes no other value.
 * Sparsity pressure is the paper's: one global AdamW weight decay on every ``θ_d``
   (``sparsity_decay``); mixed precision adds weight decay on every ``θ_b``
   (``bits_decay``). Three parameter groups (weights / ``theta_d`` / ``theta_b``) are
   declared through :attr:`CoDeQ.optim_groups`; no extra loss term.
-* ``finalize`` hardens with the learned ``d``, ``s`` and ``b``; ``s`` and ``δ`` are
-  rounded to float16-representable values first and the codes computed with them, so
-  the packed artifact (codes + two 16-bit numbers per tensor) reproduces the weights
-  exactly: ``ŵ = s16·q + δ16·sign(q)`` in float32.
+* ``finalize`` hardens with the learned ``d``, ``s`` and ``b``, ``s`` and ``δ`` rounded to
+  float16 first (:func:`~slope_bench.deadzone.dead_zone_harden`), and reports each
+  layer's learned grid (``learned_bits``, ``dead_zone``, ``step``) in ``layer_extras``.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from slope_bench.errors import ConfigError, check_bits, check_range
-from slope_bench.methods.base import CompressedWeight, Compressor, LayerSpec
-from slope_bench.quant import fp16_exact, ste_round
+from slope_bench.deadzone import (
+    INTERPOLATIONS,
+    MAX_BITS,
+    MIN_BITS,
+    bits_from_logit,
+    dead_zone_harden,
+    dead_zone_quantize,
+    dead_zone_width,
+    percentile_abs,
+)
+from slope_bench.errors import ConfigError, check_bits, check_choice, check_range
+from slope_bench.methods.base import CompressedWeight, Compressor, Finalized, LayerSpec, full_precision
 from slope_bench.sparsity import Unstructured
 
-MIN_BITS, MAX_BITS = 2, 8
-MIN_STEP = 1e-12
-FP16_SMALLEST = 2.0**-24  # smallest positive float16 (subnormal)
 
-
-# ---- pure quantizer functions ---------------------------------------------------------------
-def percentile_abs(weight: torch.Tensor, percentile: float) -> torch.Tensor:
-    """Nearest-rank ``percentile`` of ``|weight|`` (a 0-d tensor, no gradient).
-
-    Args:
-        weight: any tensor.
-        percentile: in ``(0, 100]``; ``100`` gives ``max|w|``.
-
-    Returns:
-        The ``ceil(percentile/100 · n)``-th smallest ``|w|``.
-    """
-    flat = weight.detach().abs().flatten()
-    k = min(max(math.ceil(percentile / 100.0 * flat.numel()), 1), flat.numel())
-    return flat.kthvalue(k).values
-
-
-def bits_from_logit(theta_b: torch.Tensor) -> torch.Tensor:
-    """Learnable bit width ``b = round(6·|tanh θ_b| + 2)`` in ``[2, 8]`` (STE round)."""
-    return ste_round(6.0 * torch.tanh(theta_b).abs() + 2.0)
-
-
-def dead_zone_width(theta_d: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """Dead-zone width ``d = 2a·(1 − |tanh θ_d|)`` in ``[0, 2a]``."""
-    return 2.0 * a * (1.0 - torch.tanh(theta_d).abs())
-
-
-def dead_zone_grid(a: torch.Tensor, width: torch.Tensor, bits: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Step, offset and largest code of the dead-zone grid.
-
-    Args:
-        a: top level (percentile of ``|W|``).
-        width: dead-zone width ``d``.
-        bits: bit width ``b`` (int or tensor; a tensor keeps its gradient).
-
-    Returns:
-        ``(s, δ, Q)`` with ``Q = 2^(b−1) − 1``, ``s = (a − d/2)/(Q − 0.5)`` (floored at
-        ``1e-12``) and ``δ = d/2 − s/2``.
-    """
-    bits = torch.as_tensor(bits, dtype=a.dtype, device=a.device)
-    qmax = 2.0 ** (bits - 1.0) - 1.0
-    step = ((a - width / 2.0) / (qmax - 0.5)).clamp_min(MIN_STEP)
-    offset = width / 2.0 - step / 2.0
-    return step, offset, qmax
-
-
-class _DeadZoneRound(torch.autograd.Function):
-    """Fused ``ŵ = s·q + δ·sign(q)``, ``q = clamp(round(sign(w)·ReLU(|w| − δ)/s), −Q, Q)``.
-
-    Round, clamp and ReLU are straight-through, ``sign`` has no gradient, so with
-    ``x = sign(w)·ReLU(|w| − δ)/s`` (its forward value):
-    ``∂ŵ/∂w = 1``, ``∂ŵ/∂s = q − x`` (the LSQ step gradient), ``∂ŵ/∂δ = sign(q) − sign(w)``
-    (nonzero only inside the zero band). One fused function instead of a dozen autograd
-    nodes keeps the per-step cost of the ~11M ResNet-18 weights low.
-    """
-
-    @staticmethod
-    def forward(ctx, weight, step, offset, qmax):  # noqa: D102
-        sign = torch.sign(weight)
-        x = (weight.abs() - offset).clamp_(min=0).mul_(sign).div_(step)
-        q = x.round().clamp_(-qmax, qmax)
-        zero = q == 0
-        out = (q * step).add_(sign, alpha=float(offset)).masked_fill_(zero, 0.0)  # sign(q) = sign(w) off the zero band
-        ctx.save_for_backward(x.neg_().add_(q), sign.masked_fill_(~zero, 0.0))  # q − x, sign(w)·[q = 0]
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: D102
-        residual, zero_sign = ctx.saved_tensors
-        flat = grad.reshape(-1)
-        grad_step = torch.dot(flat, residual.reshape(-1)) if ctx.needs_input_grad[1] else None
-        grad_offset = -torch.dot(flat, zero_sign.reshape(-1)) if ctx.needs_input_grad[2] else None
-        return grad, grad_step, grad_offset, None
-
-
-def dead_zone_apply(weight: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, qmax: torch.Tensor | float) -> torch.Tensor:
-    """``ŵ = s·q + δ·sign(q)`` with ``q = clamp(round(sign(w)·ReLU(|w| − δ)/s), −Q, Q)``.
-
-    Round, clamp and ReLU use straight-through gradients; ``sign`` has none. ``step`` and
-    ``offset`` are 0-d tensors (gradients flow to both); ``qmax`` carries none.
-    """
-    qmax = float(qmax.detach()) if isinstance(qmax, torch.Tensor) else float(qmax)
-    return _DeadZoneRound.apply(weight, step, offset, qmax)
-
-
-def dead_zone_quantize(
-    weight: torch.Tensor,
-    theta_d: torch.Tensor,
-    bits: torch.Tensor | int,
-    a: torch.Tensor,
-) -> torch.Tensor:
-    """CoDeQ's differentiable quantizer for one tensor (METHODS.md, CoDeQ).
-
-    Args:
-        weight: full-precision weight ``W``.
-        theta_d: dead-zone logit ``θ_d`` (0-d tensor).
-        bits: a fixed bit width, or ``bits_from_logit(θ_b)`` for learned bits.
-        a: top level, ``percentile_abs(W, 99)``.
-
-    Returns:
-        ``Ŵ`` shaped like ``weight``: exact zeros where ``|w| < d/2``, nonzero levels
-        evenly spaced by ``s`` with the top one at ``a``.
-    """
-    step, offset, qmax = dead_zone_grid(a, dead_zone_width(theta_d, a), bits)
-    return dead_zone_apply(weight, step, offset, qmax)
-
-
-def dead_zone_codes(weight: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Integer codes ``q`` of the hard quantizer (no gradient)."""
-    w = weight.detach()
-    return torch.clamp(torch.round(torch.sign(w) * torch.relu(w.abs() - offset) / step), -qmax, qmax)
-
-
-def dead_zone_harden(
-    weight: torch.Tensor, a: torch.Tensor, width: torch.Tensor, bits: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Exact-export hardening: ``ŵ = s16·q + δ16·sign(q)`` in float32.
-
-    ``s`` and ``δ`` are first rounded to float16-representable values and the codes are
-    computed with the rounded numbers, so codes plus two 16-bit values reproduce ``ŵ``.
-
-    Returns:
-        ``(ŵ, s16, δ16)``.
-    """
-    step, offset, _ = dead_zone_grid(a.float(), width.float(), bits)
-    step16 = fp16_exact(step.clamp_min(FP16_SMALLEST))
-    offset16 = fp16_exact(offset)
-    qmax = 2 ** (bits - 1) - 1
-    q = dead_zone_codes(weight.float(), step16, offset16, qmax)
-    out = step16 * q + offset16 * torch.sign(q)
-    return out.to(weight.dtype), step16, offset16
-
-
-# ---- parametrization and compressor ---------------------------------------------------------
 class DeadZoneWeight(CompressedWeight):
     """``W -> Ŵ`` through CoDeQ's dead-zone quantizer, with per-tensor ``θ_d`` (and ``θ_b``).
 
@@ -186,14 +46,24 @@ class DeadZoneWeight(CompressedWeight):
         bits: fixed bit width 2..8, or ``None`` to learn it through ``θ_b``.
         percentile: ``q`` of the top level ``a``.
         theta_init: initial value of ``θ_d`` and ``θ_b`` (3.0: ≈1% dead zone, 8 bits).
+        interpolation: of the percentile, ``linear`` or ``nearest_rank``.
+        device: of ``θ_d`` / ``θ_b`` (the weight's).
     """
 
-    def __init__(self, bits: int | None, percentile: float = 99.0, theta_init: float = 3.0) -> None:
+    def __init__(
+        self,
+        bits: int | None,
+        percentile: float = 99.0,
+        theta_init: float = 3.0,
+        interpolation: str = "linear",
+        device: torch.device | None = None,
+    ) -> None:
         super().__init__()
         self.fixed_bits = bits
         self.percentile = percentile
-        self.theta_d = torch.nn.Parameter(torch.tensor(float(theta_init)))
-        self.theta_b = None if bits is not None else torch.nn.Parameter(torch.tensor(float(theta_init)))
+        self.interpolation = interpolation
+        self.theta_d = torch.nn.Parameter(torch.tensor(float(theta_init), device=device))
+        self.theta_b = None if bits is not None else torch.nn.Parameter(torch.tensor(float(theta_init), device=device))
         self.last_zeros: torch.Tensor | None = None
         self.last_numel = 0
 
@@ -207,12 +77,13 @@ class DeadZoneWeight(CompressedWeight):
 
     def width(self, weight: torch.Tensor) -> torch.Tensor:
         """Current dead-zone width ``d`` (no gradient)."""
-        a = percentile_abs(weight, self.percentile)
+        a = percentile_abs(weight, self.percentile, self.interpolation)
         return dead_zone_width(self.theta_d.detach(), a)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        a = percentile_abs(weight, self.percentile).to(weight.dtype)
-        out = dead_zone_quantize(weight, self.theta_d, self.bits(), a)
+        with full_precision(weight):
+            a = percentile_abs(weight, self.percentile, self.interpolation).to(weight.dtype)
+            out = dead_zone_quantize(weight, self.theta_d, self.bits(), a)
         if self.training:
             self.last_zeros = (out.detach() == 0).sum()
             self.last_numel = out.numel()
@@ -221,7 +92,7 @@ class DeadZoneWeight(CompressedWeight):
     @torch.no_grad()
     def hardened_grid(self, weight: torch.Tensor) -> dict[str, float]:
         """The hard grid of :meth:`harden`: bits, dead zone ``d``, 16-bit step and offset."""
-        a = percentile_abs(weight, self.percentile)
+        a = percentile_abs(weight, self.percentile, self.interpolation)
         width = dead_zone_width(self.theta_d.detach(), a)
         _, step16, offset16 = dead_zone_harden(weight, a, width, self.hard_bits())
         return {
@@ -233,17 +104,13 @@ class DeadZoneWeight(CompressedWeight):
 
     @torch.no_grad()
     def harden(self, weight: torch.Tensor) -> torch.Tensor:
-        a = percentile_abs(weight, self.percentile)
+        a = percentile_abs(weight, self.percentile, self.interpolation)
         width = dead_zone_width(self.theta_d.detach(), a)
         return dead_zone_harden(weight, a, width, self.hard_bits())[0]
 
     def spec(self, weight: torch.Tensor) -> LayerSpec:
         return LayerSpec(
-            pattern=Unstructured(),
-            grid="deadzone",
-            bits=self.hard_bits(),
-            granularity="tensor",
-            scale_values=2,
+            pattern=Unstructured(), grid="deadzone", bits=self.hard_bits(), granularity="tensor", scale_values=2, grid_range="percentile"
         )
 
 
@@ -251,9 +118,12 @@ class CoDeQ(Compressor):
     """CoDeQ: unstructured sparsity from a learned dead zone + fixed or learned bit widths.
 
     Args:
+        name: the method's name in ``results.json``.
         w_bits: fixed weight bits 2..8, or ``"learned"`` for mixed precision (per-tensor
             ``θ_b``).
         percentile: ``q`` of the top level ``a = q``-th percentile of ``|W|``, in ``(0, 100]``.
+        percentile_interpolation: ``linear`` (the reference's) or ``nearest_rank``.
+        grid: ``deadzone`` (CoDeQ's own grid; no other value).
         lr_theta: AdamW learning rate of the dead-zone logits ``θ_d``.
         lr_bits: AdamW learning rate of the bit logits ``θ_b`` (``None``: ``lr_theta``).
         sparsity_decay: AdamW weight decay on every ``θ_d`` (the global sparsity knob).
@@ -262,12 +132,13 @@ class CoDeQ(Compressor):
         compress_first, compress_classifier: see :class:`Compressor`.
     """
 
-    name = "codeq"
-
     def __init__(
         self,
+        name: str = "codeq",
         w_bits: int | str = 4,
         percentile: float = 99.0,
+        percentile_interpolation: str = "linear",
+        grid: str = "deadzone",
         lr_theta: float = 1e-2,
         lr_bits: float | None = None,
         sparsity_decay: float = 3.0,
@@ -276,7 +147,7 @@ class CoDeQ(Compressor):
         compress_first: bool = False,
         compress_classifier: bool = False,
     ) -> None:
-        super().__init__(compress_first, compress_classifier)
+        super().__init__(name, compress_first, compress_classifier)
         if w_bits == "learned":
             self.w_bits: int | None = None
         elif isinstance(w_bits, int) and not isinstance(w_bits, bool):
@@ -284,6 +155,9 @@ class CoDeQ(Compressor):
         else:
             raise ConfigError("w_bits", w_bits, f"an integer in {MIN_BITS}..{MAX_BITS} or 'learned'")
         self.percentile = check_range("percentile", percentile, 0.0, 100.0, low_open=True)
+        self.interpolation = check_choice("percentile_interpolation", percentile_interpolation, INTERPOLATIONS)
+        if grid != "deadzone":
+            raise ConfigError("grid", grid, "deadzone (CoDeQ learns its own dead-zone grid; no symmetric/signed/asymmetric grid)")
         self.lr_theta = check_range("lr_theta", lr_theta, 0.0, low_open=True)
         self.lr_bits = self.lr_theta if lr_bits is None else check_range("lr_bits", lr_bits, 0.0, low_open=True)
         self.sparsity_decay = check_range("sparsity_decay", sparsity_decay, 0.0)
@@ -293,18 +167,19 @@ class CoDeQ(Compressor):
             "theta_d": {"lr": self.lr_theta, "weight_decay": self.sparsity_decay},
             "theta_b": {"lr": self.lr_bits, "weight_decay": self.bits_decay},
         }
-        self.layer_extras: dict[str, dict] = {}
 
     def make_parametrization(self, name: str, weight: torch.Tensor) -> CompressedWeight:
-        return DeadZoneWeight(self.w_bits, self.percentile, self.theta_init)
+        return DeadZoneWeight(self.w_bits, self.percentile, self.theta_init, self.interpolation, weight.device)
 
-    def finalize(self, model: torch.nn.Module, calib_batches=None) -> torch.nn.Module:
-        """Record each layer's learned grid, then harden (base class)."""
+    def finalize(self, model: torch.nn.Module, calib_batches: list | None = None) -> Finalized:
+        """Record each layer's learned grid in ``layer_extras``, then harden (base class)."""
+        extras = {}
         for name, p in self.layers.items():
-            module = self.modules[name]
-            grid = p.hardened_grid(module.parametrizations.weight.original.detach())
-            self.layer_extras[name] = {key: grid[key] for key in ("learned_bits", "dead_zone", "step")}
-        return super().finalize(model, calib_batches)
+            grid = p.hardened_grid(self.modules[name].parametrizations.weight.original.detach())
+            extras[name] = {key: grid[key] for key in ("learned_bits", "dead_zone", "step")}
+        done = super().finalize(model, calib_batches)
+        done.layer_extras = extras
+        return done
 
     def stats(self) -> dict[str, float]:
         """Sparsity of the last training forward and mean bit width over targeted tensors."""

@@ -8,10 +8,11 @@ run's shared fine-tuning budget (same total steps and LR schedule as ``slope``/`
   the quantized weights ``|Q(W)|`` (the Q→S order Harma et al. 2024 warn about; ties
   between equal codes are broken by position, the full-precision values play no part).
   When the stage ends the mask is frozen.
-* ``quantize`` — symmetric per-channel LSQ (Esser et al. 2020). When the stage begins
-  the step is re-initialised at ``2·mean|w| / sqrt(Qp)`` over the weights kept at that
-  moment (§2.2 of LSQ); when it ends the step is held (no gradient) for the rest of the
-  run, so the grid stays fixed while the mask is learned.
+* ``quantize`` — per-channel LSQ (Esser et al. 2020) on LSQ's signed grid (``grid``,
+  ``range`` as in :class:`~slope_bench.methods.slope.Slope`). When the stage begins the
+  step is re-initialised (``range=lsq``: ``2·mean|w| / sqrt(Qp)``, §2.2 of LSQ) over the
+  weights kept at that moment; when it ends the step is held (no gradient) for the rest
+  of the run, so the grid stays fixed while the mask is learned.
 
 ``stages: [prune, quantize]`` is the ``prune_then_quantize`` baseline (SR-STE fine-tune,
 freeze the mask, LSQ fine-tune with the mask held); ``stages: [quantize, prune]`` is
@@ -23,21 +24,27 @@ weights are always N:M sparse and on the grid.
 
 Every stage acts on one :class:`StagedWeight` per layer — an
 :class:`~slope_bench.methods.slope.NMQuantWeight` built with both its pattern and its
-grid, whose parts are switched on by the stages.
+grid, whose parts are switched on by the stages. A layer whose input size is not
+divisible by ``m`` is quantized but not pruned (a ``note`` in its ``layer_extras``).
+
+Checkpointable state (:meth:`Sequential.state_dict`): the stage, the switch step and the
+step budget; loading stage 1 redoes the switch's structural changes (frozen mask buffers,
+enabled pattern/grid, held step without gradient) so the model's state dict loads strictly.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from slope_bench.errors import ConfigError, check_bits, check_choice, check_nm, check_range
-from slope_bench.methods.base import CompressedWeight, Compressor, original_weight
-from slope_bench.methods.slope import NMQuantWeight
-from slope_bench.quant import GRANULARITIES, UniformGrid, grouped, init_lsq_step
+from slope_bench.errors import ConfigError, check_range
+from slope_bench.methods.base import CompressedWeight, Compressor, Finalized, NMBits, RunInfo, nm_notes, original_weight
+from slope_bench.methods.slope import NMQuantWeight, check_lsq_grid
+from slope_bench.quant import UniformGrid, grouped, init_step
 from slope_bench.sparsity import NM, as_matrix
 
 STAGE_NAMES = ("prune", "quantize")
@@ -55,10 +62,13 @@ class StagedWeight(NMQuantWeight):
         pattern: N:M pattern the layer ends with (``None`` when it does not apply).
         grid: uniform grid the layer ends with.
         sr_ste_decay: ``λ_w`` of SR-STE.
+        range_: step init, ``lsq`` or ``minmax``.
     """
 
-    def __init__(self, weight: torch.Tensor, pattern: NM | None, grid: UniformGrid, sr_ste_decay: float = 2e-4) -> None:
-        super().__init__(weight, pattern, grid, sr_ste_decay)
+    def __init__(
+        self, weight: torch.Tensor, pattern: NM | None, grid: UniformGrid, sr_ste_decay: float = 2e-4, range_: str = "lsq"
+    ) -> None:
+        super().__init__(weight, pattern, grid, sr_ste_decay, range_)
         self.target_pattern = self.pattern
         self.target_grid = grid
         self.pattern = None
@@ -75,7 +85,7 @@ class StagedWeight(NMQuantWeight):
         """Switch the grid on and re-initialise the LSQ step over the currently kept weights."""
         self.grid = self.target_grid
         mask = self.mask(weight)
-        self.step.copy_(init_lsq_step(weight, self.grid, mask))
+        self.step.copy_(init_step(weight, self.grid, self.range, mask))
         self.step.requires_grad_(True)
         self.grid_held = False
         kept = float(mask.sum()) if mask is not None else weight.numel()
@@ -99,7 +109,7 @@ def compressed_levels(weight_hat: torch.Tensor, layer: StagedWeight) -> int:
         codes = torch.round(grouped(weight_hat.detach(), grid) / layer.step.detach()).long()
         codes = codes.clamp(grid.qmin, grid.qmax) - grid.qmin
         width = int(codes.max()) + 1 if codes.numel() else 1
-        present = torch.zeros(codes.shape[0], width, dtype=torch.bool).scatter_(1, codes, True)
+        present = torch.zeros(codes.shape[0], width, dtype=torch.bool, device=codes.device).scatter_(1, codes, True)
         return int(present.sum(1).max())
     rows = as_matrix(weight_hat.detach()).sort(dim=1).values
     changes = (rows[:, 1:] != rows[:, :-1]).sum(1) + 1
@@ -110,6 +120,7 @@ class Sequential(Compressor):
     """Two compression stages one after the other within one training budget.
 
     Args:
+        name: the method's name in ``results.json`` (``None``: ``<first>_then_<second>``).
         stages: order of the stages, two distinct names from ``prune``, ``quantize``.
         n, m: N:M pattern.
         w_bits: weight bits 1..8.
@@ -117,18 +128,20 @@ class Sequential(Compressor):
         sr_ste_decay: SR-STE ``λ_w``.
         granularity: quantization scale granularity (``channel``/``tensor``/``group``).
         group_size: group length for ``granularity=group``.
-        nm_order: ``input`` (SR-STE flattening) or ``channel_major``.
+        nm_order: ``channel_major`` (input channels at each spatial position) or ``input``.
+        grid: ``signed`` (LSQ's grid) or ``symmetric``.
+        range: step init, ``lsq`` (LSQ's rule) or ``minmax``.
         compress_first, compress_classifier: see :class:`Compressor`.
 
     Example: ``Sequential(stages=["quantize", "prune"], n=2, m=4, w_bits=4)`` is the
     ``quantize_then_prune`` baseline at 2:4 w4.
     """
 
-    name = "sequential"
     optim_groups = {"step": {"weight_decay": 0.0}}
 
     def __init__(
         self,
+        name: str | None = None,
         stages: Sequence[str] = ("prune", "quantize"),
         n: int = 2,
         m: int = 4,
@@ -137,36 +150,37 @@ class Sequential(Compressor):
         sr_ste_decay: float = 2e-4,
         granularity: str = "channel",
         group_size: int = 128,
-        nm_order: str = "input",
+        nm_order: str = "channel_major",
+        grid: str = "signed",
+        range: str = "lsq",
         compress_first: bool = False,
         compress_classifier: bool = False,
     ) -> None:
-        super().__init__(compress_first, compress_classifier)
-        self.stages = check_stages(stages)
+        stages = check_stages(stages)
+        super().__init__("_then_".join(stages) if name is None else name, compress_first, compress_classifier)
+        self.stages = stages
         if n is None:
             raise ConfigError("n", n, "an integer in 1..m (both stages need an N:M pattern)")
-        self.pattern = check_nm(n, m, nm_order)
-        check_choice("granularity", granularity, GRANULARITIES)
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-            raise ConfigError("group_size", group_size, "an integer >= 1")
-        self.grid = UniformGrid(check_bits(w_bits), True, granularity, group_size)
+        if w_bits is None:
+            raise ConfigError("w_bits", w_bits, "an integer in 1..8 (the quantize stage needs a grid)")
+        check_lsq_grid(grid, range)
+        knobs = NMBits(n, m, w_bits, granularity, group_size, nm_order, grid)
+        self.pattern, self.grid, self.range = knobs.pattern, knobs.grid, range
         self.switch_at = check_range("switch_at", switch_at, 0.0, 1.0, low_open=True, high_open=True)
         self.sr_ste_decay = check_range("sr_ste_decay", sr_ste_decay, 0.0, high=1e12)
-        self.name = "_then_".join(self.stages)
         self.stage = 0
         self.switch_step: int | None = None
         self.total_steps = 0
-        self.extra_results: dict[str, float] = {}
         self.levels_every = 50
         self._stats_calls = 0
         self._levels: tuple[int, int] | None = None
 
     # ---- hooks --------------------------------------------------------------------------
     def make_parametrization(self, name: str, weight: torch.Tensor) -> CompressedWeight | None:
-        return StagedWeight(weight, self.pattern, self.grid, self.sr_ste_decay)
+        return StagedWeight(weight, self.pattern, self.grid, self.sr_ste_decay, self.range)
 
-    def prepare(self, model: nn.Module, targets: Iterable[str]) -> nn.Module:
-        model = super().prepare(model, targets)
+    def prepare(self, model: nn.Module, targets: Iterable[str], info: RunInfo) -> nn.Module:
+        model = super().prepare(model, targets, info)
         self._begin(self.stages[0])
         return model
 
@@ -175,12 +189,28 @@ class Sequential(Compressor):
         if self.stage == 0 and step + 1 >= self.switch_at * total:
             self._switch(step + 1)
 
-    def finalize(self, model: nn.Module, calib_batches: Iterable | None = None) -> nn.Module:
+    def finalize(self, model: nn.Module, calib_batches: list | None = None) -> Finalized:
+        """Run any stage not reached, harden; results ``train/switch_step``, ``train/total_steps``."""
         if self.stage == 0:
             self._switch(self.total_steps)
         self._end(self.stages[1])
-        self.extra_results = {"train/switch_step": int(self.switch_step), "train/total_steps": int(self.total_steps)}
-        return super().finalize(model, calib_batches)
+        done = super().finalize(model, calib_batches)
+        done.layer_extras = nm_notes(self.pattern, self.modules)
+        done.results = {"train/switch_step": int(self.switch_step), "train/total_steps": int(self.total_steps)}
+        return done
+
+    def state_dict(self) -> dict[str, Any]:
+        """``stage`` (0 or 1), ``switch_step`` (``None`` before the switch) and ``total_steps``."""
+        return {"stage": int(self.stage), "switch_step": self.switch_step, "total_steps": int(self.total_steps)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the stage after ``prepare``; stage 1 redoes the switch (frozen mask
+        buffers, enabled pattern/grid, held step) whose tensors the model's state dict
+        then overwrites."""
+        if int(state["stage"]) == 1 and self.stage == 0:
+            self._switch(int(state["switch_step"]))
+        self.switch_step = None if state["switch_step"] is None else int(state["switch_step"])
+        self.total_steps = int(state["total_steps"])
 
     def stats(self) -> dict[str, float]:
         """Current stage, fraction of zeros in the compressed weights and most distinct values

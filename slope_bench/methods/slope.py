@@ -6,9 +6,16 @@ One parametrization, :class:`NMQuantWeight`, computes ``Ŵ = Q(S(W))``:
   the forward uses the masked weight; the backward passes the gradient straight
   through to every weight and adds ``λ_w · (1 − mask) ⊙ W`` to it (§3.3, Eq. 6).
   The mask can be frozen (sequential baselines) or chosen on the quantized weights.
-* ``Q``: symmetric per-output-channel LSQ (Esser et al. 2020) on the kept weights:
-  learnable step initialised at ``2·mean|w| / sqrt(Qp)`` over kept weights, its gradient
-  scaled by ``1 / sqrt(n_kept · Qp)``.
+* ``Q``: per-output-channel LSQ (Esser et al. 2020) on the kept weights, on LSQ's signed
+  grid ``[−2^(b−1), 2^(b−1) − 1]`` (``grid=signed``, default; ``symmetric`` drops the
+  extra negative level): learnable step initialised at ``2·mean|w| / sqrt(Qp)`` over
+  kept weights (``range=lsq``; ``minmax``: the min-max step), its gradient scaled by
+  ``1 / sqrt(n_kept · Qp)``, LSQ's Eq. 3 gradients (clip decided on ``v = w / s``). No
+  zero point is learned, so ``grid=asymmetric`` is refused, and no clipping search runs
+  at training time, so ``range=mse`` is refused.
+* N:M groups run along input channels at each spatial position (``nm_order=channel_major``,
+  the SR-STE reference code's convolution grouping and what sparse tensor-core
+  convolution kernels need); ``input`` groups the flattened ``in × kh × kw``.
 
 :class:`Slope` adds the angular-alignment regularizer of SLOPE (Liu, Dvornik, Liu,
 BMVC 2025): ``L_align = (1/n) Σ_i (1 − cos(w_i, ŵ_i))`` over output channels ``i`` of
@@ -19,7 +26,8 @@ the naive combination. The gradient flows into both ``w`` and ``ŵ``
 (``detach_target=False``, unpublished; a knob).
 
 The method configs ``prune`` (no grid), ``quantize`` (no pattern) and ``naive``
-(``alignment=none``) are this class with parts switched off.
+(``alignment=none``) are this class with parts switched off. A layer whose input size is
+not divisible by ``m`` is quantized but not pruned (a ``note`` in its ``layer_extras``).
 """
 
 from __future__ import annotations
@@ -27,65 +35,27 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
-from slope_bench.errors import check_bits, check_choice, check_nm, check_range
-from slope_bench.methods.base import CompressedWeight, Compressor, LayerSpec
-from slope_bench.quant import GRANULARITIES, UniformGrid, fake_quantize, grad_scale, grouped, harden, init_lsq_step
-from slope_bench.sparsity import NM, as_matrix, nm_mask
+from slope_bench.errors import ConfigError, check_bool, check_choice, check_range
+from slope_bench.methods.base import CompressedWeight, Compressor, Finalized, LayerSpec, NMBits, full_precision, nm_notes, original_weight
+from slope_bench.quant import UniformGrid, fake_quantize, grad_scale, grouped, harden, init_step, keep_masked, masked_fake_quantize
+from slope_bench.sparsity import NM, SRSTE, as_matrix, nm_mask
 
 ALIGNMENTS = ("cosine", "l2", "none")
 SCOPES = ("channel", "layer")
+LSQ_GRIDS = ("signed", "symmetric")
+LSQ_RANGES = ("lsq", "minmax")
 
 
-class _SRSTE(torch.autograd.Function):
-    """Forward ``w ⊙ mask``; backward ``g + λ_w · (1 − mask) ⊙ w`` (SR-STE, Eq. 6).
-
-    ``keep`` is a bool mask."""
-
-    @staticmethod
-    def forward(ctx, weight, keep, decay):  # noqa: D102
-        ctx.save_for_backward(weight, keep)
-        ctx.decay = decay
-        return weight * keep  # multiplying by a bool mask is ~4x faster than torch.where on CPU
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: D102
-        weight, keep = ctx.saved_tensors
-        if not ctx.decay:
-            return grad, None, None
-        return grad.add(weight * ~keep, alpha=ctx.decay), None, None
-
-
-class _SRSTELSQ(torch.autograd.Function):
-    """``Q(S(W))`` in one kernel: SR-STE N:M masking then symmetric LSQ round/clamp.
-
-    Forward ``clamp(round(w ⊙ mask / s), qmin, qmax) · s`` on ``(groups, group_len)``
-    views. Backward: the SR-STE gradient (Eq. 6 of Zhou et al. 2021) composed with
-    LSQ's (Esser et al. 2020, Eq. 3) — ``∂L/∂w = g ⊙ 1[round(v) in range] + λ_w (1 −
-    mask) ⊙ w`` (a pruned weight has ``v = 0``, inside the range, so its gradient passes
-    straight through) and ``∂L/∂s = Σ g ⊙ (round(v) − v)`` inside, ``qmin``/``qmax``
-    outside. The same values and gradients as :class:`_SRSTE` followed by
-    ``quant._LSQRoundClamp`` with two fewer full-size temporaries (a test checks).
-    """
-
-    @staticmethod
-    def forward(ctx, w, keep, step, qmin, qmax, decay):  # noqa: D102
-        v = (w * keep).div_(step)
-        r = torch.round(v)
-        q = torch.clamp(r, qmin, qmax)
-        inside = q == r
-        ctx.save_for_backward(q - v * inside, inside, w if decay else None, keep if decay else None)
-        ctx.decay = decay
-        return q.mul_(step)
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: D102
-        ds, inside, w, keep = ctx.saved_tensors
-        grad_w = grad * inside
-        if ctx.decay:
-            grad_w.add_(w * ~keep, alpha=ctx.decay)
-        grad_step = (grad * ds).sum(1, keepdim=True)
-        return grad_w, None, grad_step, None, None, None
+def check_lsq_grid(grid: str, range_: str) -> None:
+    """The grids and step inits an LSQ-trained method can use (one line naming the key)."""
+    if grid == "asymmetric":
+        raise ConfigError("grid", grid, "signed or symmetric (LSQ learns a step, no zero point)")
+    check_choice("grid", grid, LSQ_GRIDS)
+    if range_ == "mse":
+        raise ConfigError("range", range_, "lsq or minmax (the step is learned by LSQ; no clipping search while training)")
+    check_choice("range", range_, LSQ_RANGES)
 
 
 class _RowCosine(torch.autograd.Function):
@@ -125,32 +95,31 @@ def row_cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torch.Te
     return _RowCosine.apply(a, b, eps)
 
 
-def keep_masked(out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Zero the pruned positions in the forward value, keep the gradient identity."""
-    return out * mask + (out - out.detach()) * (1 - mask)
-
-
 class NMQuantWeight(CompressedWeight):
     """``W -> Q(S(W))`` for one layer; either part may be ``None``.
 
     Args:
         weight: the layer's initial weight (sets shapes and the LSQ step).
         pattern: N:M pattern or ``None`` for dense.
-        grid: uniform grid or ``None`` for full precision.
+        grid: uniform grid (symmetric or signed) or ``None`` for full precision.
         sr_ste_decay: ``λ_w`` of SR-STE.
+        range_: step init, ``lsq`` (LSQ's rule) or ``minmax``.
     """
 
-    def __init__(self, weight: torch.Tensor, pattern: NM | None, grid: UniformGrid | None, sr_ste_decay: float = 2e-4) -> None:
+    def __init__(
+        self, weight: torch.Tensor, pattern: NM | None, grid: UniformGrid | None, sr_ste_decay: float = 2e-4, range_: str = "lsq"
+    ) -> None:
         super().__init__()
         self.pattern = pattern if pattern is not None and pattern.applies_to(weight) else None
         self.grid = grid
         self.sr_ste_decay = sr_ste_decay
+        self.range = range_
         self.mask_source = "weight"  # "weight" | "quantized" (quantize -> prune order)
         self.register_buffer("frozen_mask", None)
         self.last: torch.Tensor | None = None
         if grid is not None:
             mask = self.mask(weight)
-            self.step = torch.nn.Parameter(init_lsq_step(weight, grid, mask))
+            self.step = torch.nn.Parameter(init_step(weight, grid, range_, mask))
             kept = weight.numel() * (self.pattern.density if self.pattern else 1.0)
             self.step_grad_scale = 1.0 / math.sqrt(max(kept, 1) * grid.qmax)
 
@@ -178,22 +147,22 @@ class NMQuantWeight(CompressedWeight):
 
     # ---- forward / harden ------------------------------------------------------------
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        out = weight
-        keep = self.keep(weight)
-        grid = self.grid
-        step = grad_scale(self.step, self.step_grad_scale) if grid is not None else None
-        if grid is not None and keep is not None and grid.symmetric and not grid.binary:
-            w, k = grouped(weight, grid), grouped(keep, grid)
-            out = _SRSTELSQ.apply(w, k, step.expand(w.shape[0], 1), grid.qmin, grid.qmax, self.sr_ste_decay).reshape(weight.shape)
-        else:
-            if keep is not None:
-                out = _SRSTE.apply(weight, keep, self.sr_ste_decay)
-            if grid is not None:
-                out = fake_quantize(out, step, grid)
-                if keep is not None and grid.binary:  # sign(0) = +1: re-zero pruned weights
-                    out = keep_masked(out, keep.to(out.dtype))
+        with full_precision(weight):
+            out = weight
+            keep = self.keep(weight)
+            grid = self.grid
+            step = grad_scale(self.step, self.step_grad_scale) if grid is not None else None
+            if grid is not None and keep is not None and not grid.binary:
+                out = masked_fake_quantize(weight, keep, step, grid, self.sr_ste_decay)
+            else:
+                if keep is not None:
+                    out = SRSTE.apply(weight, keep, self.sr_ste_decay)
+                if grid is not None:
+                    out = fake_quantize(out, step, grid)
+                    if keep is not None and grid.binary:  # sign(0) = +1: re-zero pruned weights
+                        out = keep_masked(out, keep.to(out.dtype))
         if self.training:
-            self.last = out
+            self.__dict__["last"] = out  # a plain cache, never registered (``out`` may be the Parameter itself)
         return out
 
     @torch.no_grad()
@@ -208,14 +177,16 @@ class NMQuantWeight(CompressedWeight):
         if self.grid is None:
             return LayerSpec(pattern=self.pattern, grid="float", bits=None)
         groups = grouped(weight, self.grid).shape[0]
-        per_group = 1 if self.grid.symmetric else 2
-        return LayerSpec(self.pattern, "uniform", self.grid.bits, self.grid.granularity, groups * per_group)
+        return LayerSpec(
+            self.pattern, "uniform", self.grid.bits, self.grid.granularity, groups, grid_kind=self.grid.kind, grid_range=self.range
+        )
 
 
 class Slope(Compressor):
     """SLOPE: N:M sparsity + k-bit LSQ with an angular-alignment regularizer.
 
     Args:
+        name: the method's name in ``results.json`` (``slope``, ``naive``, ``prune``, ...).
         n, m: N:M pattern (``n=None`` for no sparsity).
         w_bits: weight bits 1..8 (``None`` for full precision).
         lam: weight ``λ`` of the alignment term.
@@ -225,15 +196,17 @@ class Slope(Compressor):
         sr_ste_decay: SR-STE ``λ_w``.
         granularity: quantization scale granularity (``channel``/``tensor``/``group``).
         group_size: group length for ``granularity=group``.
-        nm_order: ``input`` (SR-STE flattening) or ``channel_major``.
+        nm_order: ``channel_major`` (input channels at each spatial position) or ``input``.
+        grid: ``signed`` (LSQ's grid) or ``symmetric``.
+        range: step init, ``lsq`` (LSQ's rule) or ``minmax``.
         compress_first, compress_classifier: see :class:`Compressor`.
     """
 
-    name = "slope"
     optim_groups = {"step": {"weight_decay": 0.0}}
 
     def __init__(
         self,
+        name: str = "slope",
         n: int | None = 2,
         m: int | None = 4,
         w_bits: int | None = 4,
@@ -244,30 +217,42 @@ class Slope(Compressor):
         sr_ste_decay: float = 2e-4,
         granularity: str = "channel",
         group_size: int = 128,
-        nm_order: str = "input",
+        nm_order: str = "channel_major",
+        grid: str = "signed",
+        range: str = "lsq",
         compress_first: bool = False,
         compress_classifier: bool = False,
     ) -> None:
-        super().__init__(compress_first, compress_classifier)
-        self.pattern = check_nm(n, m, nm_order)
-        self.grid = None if w_bits is None else UniformGrid(check_bits(w_bits), True, granularity, group_size)
+        super().__init__(name, compress_first, compress_classifier)
+        check_lsq_grid(grid, range)
+        knobs = NMBits(n, m, w_bits, granularity, group_size, nm_order, grid)
+        self.pattern, self.grid, self.range = knobs.pattern, knobs.grid, range
         check_choice("alignment", alignment, ALIGNMENTS)
         check_choice("scope", scope, SCOPES)
-        check_choice("granularity", granularity, GRANULARITIES)
         self.lam = check_range("lam", lam, 0.0, high=1e12)
         self.sr_ste_decay = check_range("sr_ste_decay", sr_ste_decay, 0.0, high=1e12)
         self.alignment = alignment if (self.grid is not None or self.pattern is not None) else "none"
         self.scope = scope
-        self.detach_target = detach_target
+        self.detach_target = check_bool("detach_target", detach_target)
 
     def make_parametrization(self, name: str, weight: torch.Tensor) -> CompressedWeight | None:
         if self.pattern is None and self.grid is None:
             return None
-        return NMQuantWeight(weight, self.pattern, self.grid, self.sr_ste_decay)
+        return NMQuantWeight(weight, self.pattern, self.grid, self.sr_ste_decay, self.range)
+
+    def finalize(self, model: nn.Module, calib_batches: list | None = None) -> Finalized:
+        """Harden every layer (base class); a layer N:M does not apply to gets a ``note``."""
+        done = super().finalize(model, calib_batches)
+        done.layer_extras = nm_notes(self.pattern, self.modules)
+        return done
 
     def penalty(self) -> torch.Tensor | float:
         if self.alignment == "none" or self.lam == 0 or not self.layers:
             return 0.0
+        with full_precision(original_weight(self.modules[next(iter(self.layers))])):
+            return self._penalty()
+
+    def _penalty(self) -> torch.Tensor:
         terms, count = [], 0
         for name, p in self.layers.items():
             w = self.modules[name].parametrizations.weight.original
@@ -292,8 +277,5 @@ class Slope(Compressor):
         return {"align": float(value) / self.lam} if self.lam else {}
 
     def setting(self) -> str:
-        parts = []
-        if self.pattern is not None:
-            parts.append(str(self.pattern))
-        parts.append(f"w{self.grid.bits}" if self.grid is not None else "fp32")
-        return " ".join(parts)
+        parts = [str(self.pattern)] if self.pattern is not None else []
+        return " ".join([*parts, str(self.grid) if self.grid is not None else "fp32"])

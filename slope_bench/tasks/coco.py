@@ -10,7 +10,17 @@ category ids themselves (background is 0), so ``num_classes = max id + 1`` (91 o
 matching torchvision's pretrained Mask R-CNN).
 
 :class:`Coco` is COCO 2017 from a path; ``slope_bench.tasks.digits_instances`` writes
-the embedded task in the same format and reads it back through the same loader.
+the embedded task in the same format and reads it back through the same loader;
+``Coco(synthetic=True)`` reads a COCO-format set written at the real shapes by
+:mod:`slope_bench.tasks.synthetic`.
+
+Before any training, ``setup`` checks every annotation file (the fields the loader and
+COCOeval read: images' ``id``/``file_name``/``height``/``width``, annotations'
+``id``/``image_id``/``category_id``/``bbox``/``area``/``segmentation``) and decodes a
+seeded sample of each split's images; a problem is one line naming the file and the
+field. An image that fails to decode later is recorded in ``task.corrupt_images`` and
+skipped (training: the next image takes its place; evaluation: a blank image of its
+size, so its ground truth still counts).
 """
 
 from __future__ import annotations
@@ -18,6 +28,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,19 +40,109 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from slope_bench.errors import ConfigError
-from slope_bench.tasks.base import DatasetError
+from slope_bench.errors import ConfigError, check_bool, check_int
+from slope_bench.tasks.base import (
+    DECODE_ERRORS,
+    MAX_SKIPS,
+    SPLITS,
+    CorruptImages,
+    DatasetError,
+    check_decodable,
+    check_loader_knobs,
+    check_split,
+    make_loader,
+)
+from slope_bench.tasks.synthetic import default_synthetic_root, synthetic_coco
 
+log = logging.getLogger("slope_bench")
+IMAGE_FIELDS = ("id", "file_name", "height", "width")
+ANNOTATION_FIELDS = ("id", "image_id", "category_id", "bbox", "area", "segmentation")
 METRICS = ("bbox_map", "segm_map", "bbox_map50", "segm_map50")
 MASK_THRESHOLD = 0.5
 
 
-def quiet_coco(annotation_file: str | Path):
-    """Load a COCO annotation file with pycocotools, without its prints.
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_instances(data: dict, path: Path, masks: bool = True) -> None:
+    """Check the fields of a COCO instances file that the loader and COCOeval read.
+
+    Args:
+        data: the parsed JSON (a dict with ``images``, ``annotations``, ``categories``).
+        path: the file, for the message.
+        masks: annotations must carry ``segmentation`` (instance segmentation).
 
     Raises:
-        DatasetError: the file is missing, is not JSON, or lacks ``images`` /
-            ``annotations`` / ``categories``.
+        DatasetError: one line naming the file, the entry and the field at fault.
+    """
+
+    def bad(what: str) -> DatasetError:
+        return DatasetError(f"COCO annotation file {path} is malformed: {what}")
+
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data[key], list):
+            raise bad(f"'{key}' is {type(data[key]).__name__}: expected a list")
+    if not data["categories"]:
+        raise bad("'categories' is empty: expected at least one category")
+    categories = set()
+    for i, category in enumerate(data["categories"]):
+        if not isinstance(category, dict) or not isinstance(category.get("id"), int) or isinstance(category.get("id"), bool):
+            raise bad(f"categories[{i}] has no integer 'id'")
+        categories.add(category["id"])
+    image_ids = set()
+    for i, image in enumerate(data["images"]):
+        if not isinstance(image, dict):
+            raise bad(f"images[{i}] is {type(image).__name__}: expected an object with {', '.join(IMAGE_FIELDS)}")
+        label = f"images[{i}] (id {image.get('id')!r})"
+        for field in IMAGE_FIELDS:
+            if field not in image:
+                raise bad(f"{label} has no '{field}': expected {', '.join(IMAGE_FIELDS)} on every image")
+        if not isinstance(image["id"], int) or isinstance(image["id"], bool):
+            raise bad(f"{label} has id={_short(image['id'])}: expected an integer")
+        if not isinstance(image["file_name"], str) or not image["file_name"]:
+            raise bad(f"{label} has file_name={_short(image['file_name'])}: expected a file name")
+        for field in ("height", "width"):
+            if not isinstance(image[field], int) or isinstance(image[field], bool) or image[field] < 1:
+                raise bad(f"{label} has {field}={_short(image[field])}: expected an integer >= 1")
+        image_ids.add(image["id"])
+    fields = ANNOTATION_FIELDS if masks else tuple(f for f in ANNOTATION_FIELDS if f != "segmentation")
+    for i, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict):
+            raise bad(f"annotations[{i}] is {type(ann).__name__}: expected an object with {', '.join(fields)}")
+        label = f"annotations[{i}] (id {ann.get('id')!r})"
+        for field in fields:
+            if field not in ann:
+                raise bad(f"{label} has no '{field}': expected {', '.join(fields)} on every annotation")
+        box = ann["bbox"]
+        if not isinstance(box, list) or len(box) != 4 or not all(_is_number(v) for v in box):
+            raise bad(f"{label} has bbox={_short(box)}: expected [x, y, width, height] numbers")
+        if not _is_number(ann["area"]):
+            raise bad(f"{label} has area={_short(ann['area'])}: expected a number")
+        if ann["image_id"] not in image_ids:
+            raise bad(f"{label} has image_id={_short(ann['image_id'])}: expected the id of an entry of images")
+        if ann["category_id"] not in categories:
+            raise bad(f"{label} has category_id={_short(ann['category_id'])}: expected the id of an entry of categories")
+        if masks and not isinstance(ann["segmentation"], (list, dict)):
+            raise bad(f"{label} has segmentation={_short(ann['segmentation'])}: expected polygons (a list) or an RLE (an object)")
+
+
+def quiet_coco(annotation_file: str | Path, masks: bool = True):
+    """Load a COCO annotation file with pycocotools, without its prints.
+
+    Args:
+        annotation_file: the instances JSON.
+        masks: annotations must carry ``segmentation`` (see :func:`check_instances`).
+
+    Raises:
+        DatasetError: the file is missing, is not JSON, lacks ``images`` /
+            ``annotations`` / ``categories``, or an entry lacks a field the loader or
+            COCOeval reads (one line naming the file and the field).
     """
     from pycocotools.coco import COCO
 
@@ -56,6 +158,7 @@ def quiet_coco(annotation_file: str | Path):
         raise DatasetError(
             f"COCO annotation file {path} is malformed: expected the keys images, annotations, categories (missing {', '.join(missing)})"
         )
+    check_instances(data, path, masks)
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):
@@ -76,31 +179,73 @@ class CocoInstances(Dataset):
     and ``image_id``. Crowd annotations and boxes under 1 px are left out of the targets
     (the evaluator still sees them).
 
+    An image file that fails to decode is recorded in ``corrupt`` (a warning naming it)
+    and replaced: with ``substitute`` (training) by the next decodable image of the split
+    with its targets (index + 1, + 2, …, wrapping: the same in every run and worker);
+    otherwise (evaluation) by a blank image of its recorded size, keeping its own
+    targets and ``image_id``, so the evaluator still counts its ground truth.
+
     Args:
         image_dir: folder holding the images' ``file_name``.
         coco: the split's ``pycocotools.coco.COCO`` object.
         image_ids: images of the split, in order.
         flip: random horizontal flips (training augmentation).
+        corrupt: where undecodable files are recorded (a private tracker when ``None``).
+        substitute: replace an undecodable image by the next one (else by a blank image).
     """
 
-    def __init__(self, image_dir: str | Path, coco, image_ids: Sequence[int], flip: bool = False) -> None:
+    def __init__(
+        self,
+        image_dir: str | Path,
+        coco,
+        image_ids: Sequence[int],
+        flip: bool = False,
+        corrupt: CorruptImages | None = None,
+        substitute: bool = True,
+    ) -> None:
         self.image_dir = Path(image_dir)
         self.coco = coco
         self.image_ids = list(image_ids)
         self.flip = flip
+        self.corrupt = corrupt if corrupt is not None else CorruptImages()
+        self.substitute = substitute
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def image(self, index: int) -> torch.Tensor:
-        info = self.coco.imgs[self.image_ids[index]]
-        with Image.open(self.image_dir / info["file_name"]) as img:
+    def path(self, index: int) -> Path:
+        """The image file of ``index``."""
+        return self.image_dir / self.coco.imgs[self.image_ids[index]]["file_name"]
+
+    def load(self, index: int) -> torch.Tensor:
+        """The decoded image of ``index`` as a float ``(3, H, W)`` tensor in [0, 1] (raises on a bad file)."""
+        with Image.open(self.path(index)) as img:
             array = np.asarray(img.convert("RGB"), dtype=np.uint8)
         return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
 
+    def decoded(self, index: int) -> tuple[int, torch.Tensor]:
+        """``(index served, image)``: ``index`` itself unless its file does not decode."""
+        size = len(self.image_ids)
+        for step in range(min(size, MAX_SKIPS)):
+            j = (index + step) % size
+            try:
+                return j, self.load(j)
+            except DECODE_ERRORS as e:
+                self.corrupt.record(self.path(j), e, "the next image" if self.substitute else "a blank image of its size")
+                if not self.substitute:
+                    info = self.coco.imgs[self.image_ids[j]]
+                    return j, torch.zeros(3, int(info["height"]), int(info["width"]))
+        raise DatasetError(
+            f"{min(size, MAX_SKIPS)} consecutive images from {self.path(index)} on do not decode: expected readable image files"
+        )
+
+    def image(self, index: int) -> torch.Tensor:
+        """The image of ``index`` (or its replacement when the file does not decode)."""
+        return self.decoded(index)[1]
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        index, image = self.decoded(index)
         image_id = self.image_ids[index]
-        image = self.image(index)
         height, width = image.shape[1:]
         anns = training_annotations(self.coco, image_id)
         boxes = torch.tensor(
@@ -224,6 +369,9 @@ class CocoInstancesTask(pl.LightningDataModule):
         num_workers: DataLoader workers.
         seed: loader shuffling (and subclasses' deterministic splits).
         augment: random horizontal flips for training.
+        check_images: images of each split decoded at setup (0: no check).
+        pin_memory: page-locked batches (``None``: when CUDA is available).
+        persistent_workers: keep workers alive between epochs (``None``: when ``num_workers > 0``).
     """
 
     main_metric = "bbox_map"
@@ -231,20 +379,29 @@ class CocoInstancesTask(pl.LightningDataModule):
     image_size = 800
 
     def __init__(
-        self, name: str, batch_size: int = 2, eval_batch_size: int = 2, num_workers: int = 0, seed: int = 0, augment: bool = True
+        self,
+        name: str,
+        batch_size: int = 2,
+        eval_batch_size: int = 2,
+        num_workers: int = 0,
+        seed: int = 0,
+        augment: bool = True,
+        check_images: int = 16,
+        pin_memory: bool | None = None,
+        persistent_workers: bool | None = None,
     ) -> None:
         super().__init__()
-        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(key, value, "an integer >= 1")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ConfigError("num_workers", num_workers, "an integer >= 0")
+        knobs = check_loader_knobs(batch_size, eval_batch_size, num_workers, pin_memory, persistent_workers)
         self.name = name
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
-        self.num_workers = num_workers
+        self.batch_size = knobs["batch_size"]
+        self.eval_batch_size = knobs["eval_batch_size"]
+        self.num_workers = knobs["num_workers"]
+        self.pin_memory = knobs["pin_memory"]
+        self.persistent_workers = knobs["persistent_workers"]
         self.seed = seed
-        self.augment = bool(augment)
+        self.augment = check_bool("augment", augment)
+        self.check_images = check_int("check_images", check_images, 0)
+        self.corrupt = CorruptImages()
         self.datasets: dict[str, CocoInstances] = {}
         self.annotations: dict[Path, object] = {}
         self._num_classes = 0
@@ -283,9 +440,24 @@ class CocoInstancesTask(pl.LightningDataModule):
                     f"{self.name}: the {split} split has no images: expected entries under images (with annotations for training) in {annotation_file}"
                 )
             max_category = max([max_category, *coco.cats])
-            self.datasets[split] = CocoInstances(image_dir, coco, ids, flip=self.augment and split == "train")
+            dataset = CocoInstances(
+                image_dir, coco, ids, flip=self.augment and split == "train", corrupt=self.corrupt, substitute=split == "train"
+            )
+            where = f"{self.name}: {split} images under {image_dir}"
+            check_decodable([dataset.path(i) for i in range(len(dataset))], self.check_images, self.seed, where, self.corrupt)
+            self.datasets[split] = dataset
         self._num_classes = max_category + 1
         self._ready = True
+
+    @property
+    def corrupt_images(self) -> list[str]:
+        """Image files skipped as undecodable so far (at setup, in training or evaluation)."""
+        return self.corrupt.paths()
+
+    def split_members(self) -> dict[str, set]:
+        """The image files of each split (``train``, ``val``, ``test``): disjoint sets mean disjoint splits."""
+        self.setup()
+        return {split: {str(d.path(i)) for i in range(len(d))} for split, d in self.datasets.items() if split in SPLITS}
 
     @property
     def num_classes(self) -> int:
@@ -299,14 +471,14 @@ class CocoInstancesTask(pl.LightningDataModule):
         return len(self.datasets["train"])
 
     def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int, collate=collate_detection) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
+        return make_loader(
             dataset,
-            batch_size=batch_size,
+            batch_size,
             shuffle=shuffle,
+            seed=self.seed,
             num_workers=self.num_workers,
-            generator=generator,
-            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
             collate_fn=collate,
         )
 
@@ -367,28 +539,44 @@ class CocoInstancesTask(pl.LightningDataModule):
         return box_results, mask_results
 
     def evaluate(self, model: nn.Module, split: str = "test") -> dict[str, float]:
-        """``bbox_map``, ``segm_map``, ``bbox_map50``, ``segm_map50`` on ``split`` (COCOeval)."""
+        """``bbox_map``, ``segm_map``, ``bbox_map50``, ``segm_map50`` on ``split`` (``val`` or ``test``, COCOeval).
+
+        Raises:
+            ConfigError: ``split`` is neither ``val`` nor ``test``.
+        """
+        check_split(split)
         self.setup()
-        dataset = self.datasets["test" if split == "test" else "val"]
+        dataset = self.datasets[split]
         loader = self.test_dataloader() if split == "test" else self.val_dataloader()
         box_results, mask_results = self.predict(model, loader)
         return coco_metrics(dataset.coco, box_results, mask_results, dataset.image_ids)
 
 
 class Coco(CocoInstancesTask):
-    """COCO 2017 instance segmentation from a path.
+    """COCO 2017 instance segmentation from a path (or synthetic, at the real shapes).
 
     Expects ``root/train2017/``, ``root/val2017/`` and
     ``root/annotations/instances_{train,val}2017.json``. Training uses train2017 minus
     a validation subset of ``val_images`` images carved from it deterministically by the
-    seed; the test split is val2017 (the papers' reported numbers).
+    seed; the test split is val2017 (the papers' reported numbers), never seen in
+    training or validation.
+
+    With ``synthetic=true`` nothing is read from ``root``: the same layout is written
+    under ``synthetic_root`` (once per knob setting) with ``synthetic_images`` JPEGs per
+    split whose short side is ``image_size`` px and a few annotated polygons each, and
+    read by the same code. Its validation carve is clamped to a quarter of its training
+    images (``val_images`` is meant for the real 118 k), which is logged.
 
     Args:
         root: the COCO folder.
+        name: task name recorded in results.
         image_size: shorter side the model resizes to (800 in the papers' setting).
         val_images: train2017 images held out for validation during training.
-        batch_size, eval_batch_size, num_workers, seed, augment: see
-            :class:`CocoInstancesTask`.
+        batch_size, eval_batch_size, num_workers, seed, augment, check_images, pin_memory,
+            persistent_workers: see :class:`CocoInstancesTask`.
+        synthetic: write and read a synthetic COCO-format set instead of ``root``.
+        synthetic_images: its images in train2017/ and in val2017/ (>= 2).
+        synthetic_root: where synthetic sets are written (``None``: the system temp folder).
     """
 
     def __init__(
@@ -402,18 +590,48 @@ class Coco(CocoInstancesTask):
         num_workers: int = 2,
         seed: int = 0,
         augment: bool = True,
+        check_images: int = 16,
+        synthetic: bool = False,
+        synthetic_images: int = 4,
+        synthetic_root: str | None = None,
+        pin_memory: bool | None = None,
+        persistent_workers: bool | None = None,
     ) -> None:
-        super().__init__(name, batch_size, eval_batch_size, num_workers, seed, augment)
-        if isinstance(val_images, bool) or not isinstance(val_images, int) or val_images < 1:
-            raise ConfigError("val_images", val_images, "an integer >= 1")
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-            raise ConfigError("image_size", image_size, "an integer >= 1")
+        super().__init__(name, batch_size, eval_batch_size, num_workers, seed, augment, check_images, pin_memory, persistent_workers)
+        self.val_images = check_int("val_images", val_images, 1)
+        self.image_size = check_int("image_size", image_size, 32)
+        self.synthetic = check_bool("synthetic", synthetic)
+        self.synthetic_images = check_int("synthetic_images", synthetic_images, 2)
         self.root = Path(str(root)).expanduser()
-        self.image_size = image_size
-        self.val_images = val_images
+        self.synthetic_root = Path(str(synthetic_root)).expanduser() if synthetic_root is not None else default_synthetic_root()
+
+    @property
+    def where(self) -> str:
+        """The knob naming the data's location, for messages (``task.root='/data/coco'``)."""
+        return f"task.synthetic_root={str(self.synthetic_root)!r}" if self.synthetic else f"task.root={str(self.root)!r}"
+
+    @property
+    def data_root(self) -> Path:
+        """The COCO folder: ``root``, or the synthetic set (written on first use)."""
+        if not self.synthetic:
+            return self.root
+        return synthetic_coco(self.synthetic_root, self.synthetic_images, self.image_size, where=self.where)
+
+    def _validation_size(self, n_train: int) -> int:
+        if not self.synthetic:
+            return self.val_images
+        size = min(self.val_images, max(1, n_train // 4))
+        if size != self.val_images:
+            log.info(
+                "synthetic coco: validation carve of %d images (task.val_images=%d clamped to a quarter of %d)",
+                size,
+                self.val_images,
+                n_train,
+            )
+        return size
 
     def sources(self) -> dict[str, tuple[Path, Path, list[int] | None]]:
-        root = self.root
+        root = self.data_root
         expected = [
             root / "train2017",
             root / "val2017",
@@ -423,17 +641,16 @@ class Coco(CocoInstancesTask):
         missing = [str(p.relative_to(root)) for p in expected if not p.exists()]
         if missing:
             raise DatasetError(
-                f"COCO 2017 not found at {root}: expected train2017/, val2017/ and annotations/instances_{{train,val}}2017.json (missing {', '.join(missing)})"
+                f"{self.where}: COCO 2017 not found at {root}: expected train2017/, val2017/ and annotations/instances_{{train,val}}2017.json (missing {', '.join(missing)})"
             )
         train_file = root / "annotations" / "instances_train2017.json"
         coco = self.load_annotations(train_file)
         ids = [i for i in sorted(coco.imgs) if training_annotations(coco, i)]
-        if len(ids) <= self.val_images:
-            raise DatasetError(
-                f"COCO train2017 at {train_file} has {len(ids)} annotated images: expected more than val_images={self.val_images}"
-            )
+        val_images = self._validation_size(len(ids))
+        if len(ids) <= val_images:
+            raise ConfigError("task.val_images", val_images, f"fewer than the {len(ids)} annotated images of {train_file}")
         order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(self.seed)).tolist()
-        val = sorted(ids[i] for i in order[: self.val_images])
+        val = sorted(ids[i] for i in order[:val_images])
         held_out = set(val)
         train = [i for i in ids if i not in held_out]
         return {

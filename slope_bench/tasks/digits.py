@@ -14,7 +14,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 
-from slope_bench.errors import ConfigError
+from slope_bench.errors import ConfigError, check_bool
 from slope_bench.tasks.base import ClassificationTask
 
 RESOLUTIONS = (8, 16, 32, 64)
@@ -68,7 +68,8 @@ class Digits(ClassificationTask):
     Args:
         resolution: image side (8 native; 16/32/64 bilinear upscaling).
         augment: random shifts of up to ``resolution // 8`` pixels for training.
-        batch_size, eval_batch_size, num_workers: loader knobs.
+        batch_size, eval_batch_size, num_workers, pin_memory, persistent_workers: loader
+            knobs (see :class:`~slope_bench.tasks.base.ClassificationTask`).
         seed: fixes the split (and the loader shuffling).
     """
 
@@ -84,13 +85,15 @@ class Digits(ClassificationTask):
         eval_batch_size: int = 512,
         num_workers: int = 0,
         seed: int = 0,
+        pin_memory: bool | None = None,
+        persistent_workers: bool | None = None,
     ) -> None:
-        super().__init__(name, batch_size, eval_batch_size, num_workers, seed)
-        if resolution not in RESOLUTIONS:
+        super().__init__(name, batch_size, eval_batch_size, num_workers, seed, pin_memory, persistent_workers)
+        if isinstance(resolution, bool) or resolution not in RESOLUTIONS:
             raise ConfigError("resolution", resolution, "one of " + ", ".join(map(str, RESOLUTIONS)))
         self.resolution = resolution
         self.image_size = resolution
-        self.augment = augment
+        self.augment = check_bool("augment", augment)
         self._ready = False
 
     def setup(self, stage: str | None = None) -> None:
@@ -106,4 +109,5 @@ class Digits(ClassificationTask):
         self.calib_set = TensorImages(images[tr], y[tr], 0)
         self.val_set = TensorImages(images[va], y[va], 0)
         self.test_set = TensorImages(images[te], y[te], 0)
+        self.split_ids = {"train": tr.tolist(), "val": va.tolist(), "test": te.tolist()}  # indices into load_digits()
         self._ready = True

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from slope_bench.errors import ConfigError, check_range
+from slope_bench.errors import ConfigError, check_int, check_range
+from slope_bench.tasks.base import make_loader
 from slope_bench.tasks.digits import Digits, TensorImages, split_indices, to_tensor
 
 MEAN, STD = 0.3, 0.4  # the normalisation of digits.to_tensor (pixels in [0, 1])
@@ -200,7 +201,8 @@ class DigitsHard(Digits):
         augment: distort the training images on the fly (False: clean training images).
         copies: distorted copies of each held-out image in the val and test sets.
         rotation, translation, scale, shear, noise: the :class:`Distortion` ranges.
-        batch_size, eval_batch_size, num_workers: loader knobs.
+        batch_size, eval_batch_size, num_workers, pin_memory, persistent_workers: loader
+            knobs (see :class:`~slope_bench.tasks.base.ClassificationTask`).
         seed: fixes the split, the fixed copies and every training draw.
     """
 
@@ -219,15 +221,19 @@ class DigitsHard(Digits):
         eval_batch_size: int = 512,
         num_workers: int = 0,
         seed: int = 0,
+        pin_memory: bool | None = None,
+        persistent_workers: bool | None = None,
     ) -> None:
-        super().__init__(name, resolution, augment, batch_size, eval_batch_size, num_workers, seed)
-        if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
-            raise ConfigError("copies", copies, "an integer >= 1")
+        super().__init__(name, resolution, augment, batch_size, eval_batch_size, num_workers, seed, pin_memory, persistent_workers)
+        check_int("copies", copies, 1)
         check_range("rotation", rotation, 0.0, 180.0)
         check_range("translation", translation, 0.0, 0.5)
         check_range("shear", shear, 0.0, 45.0)
-        check_range("noise", noise, 0.0)
-        scale = tuple(scale)
+        check_range("noise", noise, 0.0, 10.0)
+        try:
+            scale = tuple(scale)
+        except TypeError:  # a bare number
+            raise ConfigError("scale", scale, "[low, high] with 0 < low <= high") from None
         if (
             len(scale) != 2
             or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scale)
@@ -252,15 +258,16 @@ class DigitsHard(Digits):
         self.calib_set = TensorImages(*fixed_copies(pixels[train], y[train], 1, self.distortion, self.seed, "calib"))
         self.val_set = TensorImages(*fixed_copies(pixels[val], y[val], self.copies, self.distortion, self.seed, "val"))
         self.test_set = TensorImages(*fixed_copies(pixels[test], y[test], self.copies, self.distortion, self.seed, "test"))
+        self.split_ids = {"train": train.tolist(), "val": val.tolist(), "test": test.tolist()}  # indices into load_digits()
         self._ready = True
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return DataLoader(
+        return make_loader(
             self.train_set,
-            batch_size=self.batch_size,
+            self.batch_size,
             sampler=EpochSampler(len(self.train_set), self.seed),
             num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            drop_last=False,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
         )

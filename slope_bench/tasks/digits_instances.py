@@ -20,8 +20,6 @@ seed so that every seed of a benchmark sees the same images.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from slope_bench.errors import ConfigError
-from slope_bench.tasks.base import DatasetError
+from slope_bench.errors import ConfigError, check_int, check_range
 from slope_bench.tasks.coco import CocoInstancesTask, encode_masks
 from slope_bench.tasks.digits import split_indices
+from slope_bench.tasks.synthetic import place_squares, write_once
 from slope_bench.utils import stable_hash
 
 FORMAT_VERSION = 1
@@ -44,23 +42,6 @@ def render_digit(image: np.ndarray, size: int) -> np.ndarray:
     x = torch.as_tensor(image, dtype=torch.float32)[None, None] / 16.0
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     return x[0, 0].clamp_(0.0, 1.0).numpy()
-
-
-def place_squares(rng: np.random.Generator, sizes: list[int], canvas_size: int, tries: int = 50) -> list[tuple[int, int, int]]:
-    """Random top-left corners for squares of ``sizes`` that do not overlap.
-
-    Returns:
-        ``(x, y, size)`` for each square placed (a square that finds no free spot in
-        ``tries`` attempts is dropped).
-    """
-    placed: list[tuple[int, int, int]] = []
-    for size in sizes:
-        for _ in range(tries):
-            x, y = (int(v) for v in rng.integers(0, canvas_size - size + 1, size=2))
-            if all(x + size <= px or px + ps <= x or y + size <= py or py + ps <= y for px, py, ps in placed):
-                placed.append((x, y, size))
-                break
-    return placed
 
 
 def make_canvas(
@@ -168,8 +149,8 @@ class DigitsInstances(CocoInstancesTask):
         mask_threshold: digit intensity (0..1) above which a pixel belongs to the mask.
         noise: standard deviation of Gaussian pixel noise on the canvas (0..1 scale).
         data_seed: seed of the generation (fixed across run seeds).
-        batch_size, eval_batch_size, num_workers, seed, augment: see
-            :class:`slope_bench.tasks.coco.CocoInstancesTask`.
+        batch_size, eval_batch_size, num_workers, seed, augment, check_images, pin_memory,
+            persistent_workers: see :class:`slope_bench.tasks.coco.CocoInstancesTask`.
     """
 
     def __init__(
@@ -191,28 +172,27 @@ class DigitsInstances(CocoInstancesTask):
         num_workers: int = 0,
         seed: int = 0,
         augment: bool = True,
+        check_images: int = 16,
+        pin_memory: bool | None = None,
+        persistent_workers: bool | None = None,
     ) -> None:
-        super().__init__(name, batch_size, eval_batch_size, num_workers, seed, augment)
+        super().__init__(name, batch_size, eval_batch_size, num_workers, seed, augment, check_images, pin_memory, persistent_workers)
         for key, value in (
             ("canvas_size", canvas_size),
             ("n_train", n_train),
             ("n_val", n_val),
             ("n_test", n_test),
             ("max_digits", max_digits),
-            ("min_digit_size", min_digit_size),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(key, value, "an integer >= 1")
+            check_int(key, value, 1)
+        check_int("min_digit_size", min_digit_size, 1, canvas_size)
         if isinstance(max_digit_size, bool) or not isinstance(max_digit_size, int) or not min_digit_size <= max_digit_size <= canvas_size:
             raise ConfigError(
                 "max_digit_size", max_digit_size, f"an integer in min_digit_size..canvas_size ({min_digit_size}..{canvas_size})"
             )
-        if not isinstance(mask_threshold, (int, float)) or not 0 < mask_threshold < 1:
-            raise ConfigError("mask_threshold", mask_threshold, "a number in (0, 1)")
-        if not isinstance(noise, (int, float)) or not 0 <= noise < 1:
-            raise ConfigError("noise", noise, "a number in [0, 1)")
-        if isinstance(data_seed, bool) or not isinstance(data_seed, int) or data_seed < 0:
-            raise ConfigError("data_seed", data_seed, "an integer >= 0")
+        check_range("mask_threshold", mask_threshold, 0.0, 1.0, low_open=True, high_open=True)
+        check_range("noise", noise, 0.0, 1.0, high_open=True)
+        check_int("data_seed", data_seed, 0)
         self.root = Path(str(root)).expanduser()
         self.image_size = canvas_size
         self.params = {
@@ -236,23 +216,7 @@ class DigitsInstances(CocoInstancesTask):
 
     def ensure_written(self) -> Path:
         """Generate the data set unless it is already on disk (atomic: temp folder + rename)."""
-        folder = self.folder
-        if (folder / "meta.json").is_file():
-            return folder
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            tmp = self.root / f".tmp-{folder.name}-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            generate(tmp, self.params)
-            try:
-                tmp.rename(folder)
-            except OSError:  # another process wrote it first
-                shutil.rmtree(tmp, ignore_errors=True)
-        except OSError as e:
-            raise DatasetError(f"digits_instances: cannot write the generated data set under {self.root} ({e.strerror or e})") from None
-        if not (folder / "meta.json").is_file():
-            raise DatasetError(f"digits_instances: generation failed: expected {folder / 'meta.json'}")
-        return folder
+        return write_once(self.folder, lambda tmp: generate(tmp, self.params), f"digits_instances (task.root={str(self.root)!r})")
 
     def sources(self) -> dict[str, tuple[Path, Path, list[int] | None]]:
         folder = self.ensure_written()

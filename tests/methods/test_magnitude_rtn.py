@@ -12,12 +12,15 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from slope_bench.errors import ConfigError
+from slope_bench.loop import drive
+from slope_bench.methods.base import Requirements, RunInfo
 from slope_bench.methods.magnitude_rtn import MagnitudeRTN, magnitude_rtn
 from slope_bench.quant import UniformGrid, fp16_exact
 from slope_bench.sparsity import NM, satisfies_nm
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "method"
 TARGETS = ["features.0", "features.2"]
+INFO = RunInfo(num_train=8)
 
 
 def toy_model() -> nn.Module:
@@ -28,6 +31,8 @@ def toy_model() -> nn.Module:
 def wrap(model: nn.Module) -> nn.Module:
     outer = nn.Module()
     outer.features = model
+    outer.first_layers, outer.classifier_layers = [], []
+    outer.forward = model.forward
     return outer
 
 
@@ -86,17 +91,19 @@ def test_compressor_prepare_finalize_without_training():
     finals = {}
     for order in ("prune_then_quantize", "quantize_then_prune"):
         compressor = MagnitudeRTN(n=2, m=4, w_bits=2, order=order)
+        assert compressor.requirements == Requirements(trains=False)
         model = wrap(toy_model())
         dense = {n: model.get_submodule(n).weight.detach().clone() for n in TARGETS}
-        model = compressor.prepare(model, TARGETS)
+        batches = [(torch.randn(2, 4, 7, 7),)]
+        driven = drive(model, compressor, batches, lambda m, b: m(b[0]).sum())
+        assert driven.targets == TARGETS and driven.step_seconds == []  # post-training: no step
         assert compressor.penalty() == 0.0
-        model = compressor.finalize(model, [])
         for name in TARGETS:
             module = model.get_submodule(name)
             assert not parametrize.is_parametrized(module)
             expected = magnitude_rtn(dense[name], NM(2, 4), UniformGrid(bits=2), order)
             assert torch.equal(module.weight, expected)
-            spec = compressor.specs[name]
+            spec = driven.finalized.specs[name]
             assert (spec.pattern, spec.grid, spec.bits, spec.scale_values) == (NM(2, 4), "uniform", 2, 16)
         finals[order] = torch.cat([model.get_submodule(n).weight.flatten() for n in TARGETS])
         assert compressor.setting() == {"prune_then_quantize": "2:4 w2", "quantize_then_prune": "2:4 w2 q→p"}[order]
@@ -105,7 +112,7 @@ def test_compressor_prepare_finalize_without_training():
 
 def test_forward_is_straight_through():
     compressor = MagnitudeRTN(w_bits=4)
-    model = compressor.prepare(wrap(toy_model()), TARGETS)
+    model = compressor.prepare(wrap(toy_model()), TARGETS, INFO)
     layer = model.get_submodule("features.2")
     layer.weight.sum().backward()
     grad = layer.parametrizations.weight.original.grad
@@ -116,8 +123,9 @@ def test_layers_not_divisible_by_m_stay_dense_but_quantized():
     compressor = MagnitudeRTN(n=2, m=4, w_bits=4)
     model = nn.Module()
     model.head = nn.Linear(6, 5)
-    model = compressor.finalize(compressor.prepare(model, ["head"]), [])
-    assert compressor.specs["head"].pattern is None
+    done = compressor.finalize(compressor.prepare(model, ["head"], INFO), [])
+    assert done.specs["head"].pattern is None
+    assert done.layer_extras == {"head": {"note": "2:4 not applied: input size 6 is not divisible by m=4"}}
     assert (model.head.weight != 0).all()
 
 
@@ -141,7 +149,8 @@ def test_bad_input_raises_config_error(kwargs, key):
 
 def test_method_config_composes():
     cfg = OmegaConf.load(CONF / "magnitude_rtn.yaml")
-    assert cfg.pop("name") == "magnitude_rtn" and cfg.pop("epochs") == 0
+    assert "epochs" not in cfg
     compressor = hydra.utils.instantiate(cfg)
     assert isinstance(compressor, MagnitudeRTN) and compressor.order == "prune_then_quantize"
+    assert compressor.name == "magnitude_rtn" and not compressor.requirements.trains
     assert compressor.setting() == "2:4 w4"

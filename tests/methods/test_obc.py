@@ -1,195 +1,31 @@
-"""OBC: ExactOBS / OBQ / blocked solvers against closed forms, baselines and invariants."""
+"""OBC the method: post-training declaration, supported layers, finalize invariants on a toy
+model, sequential calibration, settings and bad input (the solvers: tests/test_obs.py)."""
 
 from __future__ import annotations
 
-import itertools
-import math
-
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from slope_bench.calibration import collect_hessians
 from slope_bench.errors import ConfigError
-from slope_bench.methods.obc import (
-    OBC,
-    blocked_prune,
-    blocked_quantize,
-    exact_obq,
-    exact_obs_prune,
-    exact_prune,
-    fit_row_quantizer,
-    inverse_hessian,
-    masked_inverse,
-    prepare_hessian,
-    reconstruction_error,
-    solve_layer,
-    upper_cholesky_of_inverse,
-)
+from slope_bench.loop import drive
+from slope_bench.methods.base import Finalized, Requirements, RunInfo
+from slope_bench.methods.obc import OBC
 from slope_bench.quant import UniformGrid, fp16_exact
 from slope_bench.sparsity import NM, Unstructured, as_matrix, satisfies_nm
 
-
-def _layer(rows: int = 12, cols: int = 32, samples: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A random weight and the Hessian of correlated inputs with a nonzero mean."""
-    generator = torch.Generator().manual_seed(seed)
-    mixing = torch.randn(cols, cols, generator=generator) / math.sqrt(cols)
-    x = torch.randn(samples, cols, generator=generator) @ mixing + 0.5 * torch.randn(cols, generator=generator)
-    weight = torch.randn(rows, cols, generator=generator)
-    return weight, 2 * x.double().T @ x.double()
+INFO = RunInfo(num_train=24)
 
 
-def test_single_exact_obs_step_matches_closed_form() -> None:
-    weight, hessian = _layer()
-    h, w = prepare_hessian(hessian, weight, 0.01)
-    hinv = inverse_hessian(h)
-    pruned, row_hinv, removed, losses, order = exact_obs_prune(w, hinv, steps=1)
-    diag = hinv.diagonal()
-    expected_p = (w.square() / diag).argmin(1)
-    assert torch.equal(order[:, 0], expected_p)
-    for r in range(w.shape[0]):
-        p = int(expected_p[r])
-        delta = -w[r, p] / hinv[p, p] * hinv[:, p]  # δw = −w_p / [H⁻¹]_pp · H⁻¹_{:,p}
-        torch.testing.assert_close(pruned[r], w[r] + delta, rtol=1e-10, atol=1e-10)
-        assert pruned[r, p] == 0
-        torch.testing.assert_close(losses[r, 0], w[r, p] ** 2 / (2 * hinv[p, p]))
-        # the OBS loss is the reconstruction cost ½ δ H δᵀ of the update
-        torch.testing.assert_close(0.5 * delta @ h @ delta, losses[r, 0])
-    # the Gaussian-elimination downdate leaves the inverse of H with column p removed
-    keep = ~removed
-    torch.testing.assert_close(row_hinv, masked_inverse(h, keep), rtol=1e-8, atol=1e-10)
-
-
-def test_sequential_obs_equals_least_squares_on_the_final_mask() -> None:
-    weight, hessian = _layer(rows=6, cols=16)
-    h, w = prepare_hessian(hessian, weight, 0.01)
-    pruned, keep, _ = exact_prune(w, h, NM(2, 4), None)
-    optimum = torch.bmm(masked_inverse(h, keep), (w @ h).unsqueeze(2)).squeeze(2)
-    torch.testing.assert_close(pruned, optimum, rtol=1e-8, atol=1e-8)
-    assert satisfies_nm(pruned, NM(2, 4)) and int(keep.sum()) == 6 * 8
-
-
-SETTINGS = [
-    pytest.param(NM(2, 4), None, UniformGrid(4), id="2:4-w4"),
-    pytest.param(None, None, UniformGrid(4), id="w4"),
-    pytest.param(None, None, UniformGrid(3, symmetric=False), id="w3-asym"),
-    pytest.param(NM(2, 4), None, None, id="2:4"),
-    pytest.param(NM(1, 4), None, UniformGrid(2), id="1:4-w2"),
-    pytest.param(None, 0.6, UniformGrid(4), id="u60-w4"),
-]
-
-
-@pytest.mark.parametrize("solver", ["exact", "blocked"])
-@pytest.mark.parametrize(("pattern", "sparsity", "grid"), SETTINGS)
-def test_obc_beats_magnitude_and_round_to_nearest(solver: str, pattern, sparsity, grid) -> None:
-    weight, hessian = _layer(seed=4)
-    baseline = solve_layer(weight, hessian, pattern, sparsity, grid, solver="magnitude")
-    solution = solve_layer(weight, hessian, pattern, sparsity, grid, solver=solver, block_size=8)
-    assert solution.recon_error <= baseline.recon_error
-    assert solution.recon_error < 0.9 * baseline.recon_error
-    by_definition = reconstruction_error(weight, solution.weight, hessian)
-    assert solution.recon_error == pytest.approx(by_definition)
-
-
-def test_reconstruction_error_is_relative_output_error() -> None:
-    weight, _ = _layer(rows=5, cols=8)
-    x = torch.randn(40, 8, dtype=torch.float64)
-    compressed = weight + 0.1 * torch.randn_like(weight)
-    hessian = 2 * x.T @ x
-    direct = (x @ (weight.double() - compressed.double()).T).square().sum() / (x @ weight.double().T).square().sum()
-    assert reconstruction_error(weight, compressed, hessian) == pytest.approx(float(direct))
-
-
-@pytest.mark.parametrize("block_size", [1, 8, 32])
-def test_fixed_order_exact_obq_equals_blocked_gptq(block_size: int) -> None:
-    weight, hessian = _layer(seed=5)
-    h, w = prepare_hessian(hessian, weight, 0.01)
-    quantizer = fit_row_quantizer(w, None, UniformGrid(3))
-    exact = exact_obq(w, inverse_hessian(h), quantizer, greedy=False)
-    blocked = blocked_quantize(w, upper_cholesky_of_inverse(h), quantizer, None, block_size)
-    torch.testing.assert_close(exact, blocked, rtol=1e-9, atol=1e-9)
-
-
-@pytest.mark.parametrize("bits", [2, 3, 4])
-def test_exact_and_blocked_quantization_agree(bits: int) -> None:
-    weight, hessian = _layer(rows=16, cols=48, seed=6)
-    exact = solve_layer(weight, hessian, None, None, UniformGrid(bits), solver="exact")
-    blocked = solve_layer(weight, hessian, None, None, UniformGrid(bits), solver="blocked", block_size=16)
-    assert exact.recon_error == pytest.approx(blocked.recon_error, rel=0.3)
-
-
-def test_blocked_nm_is_close_to_exact_and_far_below_magnitude() -> None:
-    """The fixed-order sweep cannot revisit finished groups, so it trails ExactOBS."""
-    weight, hessian = _layer(rows=16, cols=48, seed=6)
-    errors = {
-        s: solve_layer(weight, hessian, NM(2, 4), None, UniformGrid(4), solver=s, block_size=16).recon_error
-        for s in ("exact", "blocked", "magnitude")
-    }
-    assert errors["exact"] <= errors["blocked"] <= 2.5 * errors["exact"]
-    assert errors["blocked"] < 0.7 * errors["magnitude"]
-
-
-@pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (3, 8)])
-def test_group_obs_finds_the_best_group_mask(n: int, m: int) -> None:
-    """One group of m columns: the joint OBS removal equals the best masked least squares."""
-    weight, hessian = _layer(rows=10, cols=m, samples=64, seed=11)
-    h, w = prepare_hessian(hessian, weight, 0.01)
-    pruned, keep = blocked_prune(w, upper_cholesky_of_inverse(h), NM(n, m), None, block_size=m)
-    assert (keep.sum(1) == n).all()
-    for r in range(w.shape[0]):
-        best = math.inf
-        for kept in itertools.combinations(range(m), n):
-            mask = torch.zeros(1, m, dtype=torch.bool)
-            mask[0, list(kept)] = True
-            fit = (masked_inverse(h, mask)[0] @ (h @ w[r])).unsqueeze(0)
-            cost = float(((w[r] - fit) @ h @ (w[r] - fit).T).squeeze())
-            if cost < best:
-                best, best_fit = cost, fit[0]
-        torch.testing.assert_close(pruned[r], best_fit, rtol=1e-8, atol=1e-8)
-
-
-@pytest.mark.parametrize("solver", ["exact", "blocked"])
-def test_unstructured_hits_the_target_exactly(solver: str) -> None:
-    weight, hessian = _layer(rows=10, cols=24, seed=7)
-    solution = solve_layer(weight, hessian, None, 0.55, None, solver=solver, block_size=8)
-    assert int((solution.weight == 0).sum()) == round(0.55 * 10 * 24)
-    assert torch.equal(solution.weight != 0, solution.keep)
-    if solver == "exact":  # global order across rows: rows end up with different counts
-        assert len(set((solution.weight == 0).sum(1).tolist())) > 1
-
-
-def test_dead_columns_get_zero_weights_and_no_nans() -> None:
-    weight, hessian = _layer(rows=8, cols=16, seed=8)
-    hessian[:, 3] = 0
-    hessian[3, :] = 0
-    for solver in ("exact", "blocked"):
-        solution = solve_layer(weight, hessian, NM(2, 4), None, UniformGrid(4), solver=solver, block_size=8)
-        assert torch.isfinite(solution.weight).all()
-        assert not solution.weight[:, 3].any()
-
-
-def _check_grid(weight: torch.Tensor, keep: torch.Tensor | None, quantizer, grid: UniformGrid) -> None:
-    """Every weight is exactly ``code × scale16`` with codes in range; pruned ones exactly 0."""
-    scale = quantizer.scale
-    assert torch.equal(scale, fp16_exact(scale))
+def _check_grid(weight: torch.Tensor, quantizer, grid: UniformGrid) -> None:
+    """Every weight is exactly ``code × scale16`` with codes in range."""
+    assert torch.equal(quantizer.scale, fp16_exact(quantizer.scale))
     codes = quantizer.codes(weight.double())
     assert codes.min() >= grid.qmin and codes.max() <= grid.qmax
     assert torch.equal(quantizer.dequantize(codes).float(), weight)
-    if keep is not None:
-        assert not weight[~keep].any()
-    if grid.symmetric:
-        positive = [torch.unique(row[row > 0]).numel() for row in weight]
-        assert max(positive) <= 2 ** (grid.bits - 1) - 1
     assert max(torch.unique(row).numel() for row in weight) <= grid.max_levels
-
-
-@pytest.mark.parametrize("solver", ["exact", "blocked"])
-@pytest.mark.parametrize("grid", [UniformGrid(3), UniformGrid(4, symmetric=False)])
-def test_weights_land_exactly_on_the_grid(solver: str, grid: UniformGrid) -> None:
-    weight, hessian = _layer(rows=8, cols=32, seed=9)
-    solution = solve_layer(weight, hessian, NM(2, 4), None, grid, solver=solver, block_size=8)
-    _check_grid(solution.weight, solution.keep, solution.quantizer, grid)
-    assert satisfies_nm(solution.weight, NM(2, 4))
 
 
 # ---- the compressor on a toy model -----------------------------------------------------
@@ -228,13 +64,13 @@ def test_finalize_invariants_on_a_toy_model(sequential: bool) -> None:
     model, batches = _toy()
     dense = {name: model.get_submodule(name).weight.detach().clone() for name in TARGETS}
     compressor = OBC(n=2, m=4, w_bits=4, exact_max_cols=32, sequential=sequential, progress=False)
-    model = compressor.prepare(model, TARGETS)
+    model = compressor.prepare(model, TARGETS, INFO)
     running_mean = model.norm2.running_mean.clone()
-    model = compressor.finalize(model, batches)
-    assert set(compressor.specs) == set(TARGETS)
+    done = compressor.finalize(model, batches)
+    assert isinstance(done, Finalized) and set(done.specs) == set(TARGETS)
     for name in TARGETS:
         module = model.get_submodule(name)
-        spec = compressor.specs[name]
+        spec = done.specs[name]
         weight = module.weight.detach()
         assert type(module) in (nn.Conv2d, nn.Linear) and not hasattr(module, "parametrizations")
         applies = as_matrix(weight).shape[1] % 4 == 0
@@ -242,15 +78,18 @@ def test_finalize_invariants_on_a_toy_model(sequential: bool) -> None:
         assert (spec.grid, spec.bits, spec.granularity, spec.scale_values) == ("uniform", 4, "channel", weight.shape[0])
         if applies:
             assert satisfies_nm(weight, NM(2, 4))
-        _check_grid(as_matrix(weight), None, compressor.quantizers[name], UniformGrid(4))
-        extras = compressor.layer_extras[name]
+        _check_grid(as_matrix(weight), compressor.quantizers[name], UniformGrid(4))
+        extras = done.layer_extras[name]
         assert 0 < extras["recon_error"] < 1
         assert extras["solver"] == ("exact" if as_matrix(weight).shape[1] <= 32 else "blocked")
         assert extras["calib_rows"] > 0
         assert not torch.equal(weight, dense[name])
+        assert ("note" in extras) == (not applies)
+    assert done.layer_extras["stem"]["note"] == "2:4 not applied: input size 27 is not divisible by m=4"
     assert not torch.allclose(model.norm2.running_mean, running_mean)
     assert not model.training
-    assert compressor.extra_results["obc/recon_error_mean"] > 0
+    assert done.results["obc/recon_error_mean"] > 0
+    assert {"time/obc_total_s", "time/obc_calib_s", "time/obc_bn_recalib_s"} <= set(done.results)
     assert compressor.setting() == "2:4 w4"
 
 
@@ -267,7 +106,7 @@ def test_sequential_layers_see_the_compressed_layers_before_them(monkeypatch) ->
         model, batches = _toy()
         dense_hessians = collect_hessians(model, TARGETS, batches)
         compressor = OBC(w_bits=4, sequential=sequential, bn_recalib=False, progress=False)
-        compressor.finalize(compressor.prepare(model, TARGETS), batches)
+        compressor.finalize(compressor.prepare(model, TARGETS, INFO), batches)
         assert list(seen) == ["stem", "body", "proj", "head"]  # execution order
         torch.testing.assert_close(seen["stem"], dense_hessians["stem"])
         if sequential:  # H of the final model's inputs: the earlier layers are compressed
@@ -282,10 +121,10 @@ def test_sequential_layers_see_the_compressed_layers_before_them(monkeypatch) ->
 def test_unstructured_and_full_precision_settings() -> None:
     model, batches = _toy()
     compressor = OBC(n=None, m=None, sparsity=0.5, w_bits=None, progress=False)
-    compressor.finalize(compressor.prepare(model, TARGETS), batches)
+    done = compressor.finalize(compressor.prepare(model, TARGETS, INFO), batches)
     for name in TARGETS:
-        assert compressor.specs[name].pattern == Unstructured()
-        assert compressor.specs[name].grid == "float"
+        assert done.specs[name].pattern == Unstructured()
+        assert done.specs[name].grid == "float"
         weight = model.get_submodule(name).weight
         assert float((weight == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
     assert compressor.setting() == "50% fp32"
@@ -294,20 +133,20 @@ def test_unstructured_and_full_precision_settings() -> None:
 def test_channel_major_groups_and_asymmetric_scales() -> None:
     model, batches = _toy()
     compressor = OBC(w_bits=3, symmetric=False, nm_order="channel_major", progress=False)
-    compressor.finalize(compressor.prepare(model, TARGETS), batches)
+    done = compressor.finalize(compressor.prepare(model, TARGETS, INFO), batches)
     pattern = NM(2, 4, "channel_major")
     assert satisfies_nm(model.body.weight, pattern)
-    assert compressor.specs["body"].pattern == pattern
-    assert compressor.specs["body"].scale_values == 2 * 16
+    assert done.specs["body"].pattern == pattern
+    assert done.specs["body"].scale_values == 2 * 16
     for name in TARGETS:
         weight = as_matrix(model.get_submodule(name).weight.detach(), "channel_major")
-        _check_grid(weight, None, compressor.quantizers[name], UniformGrid(3, symmetric=False))
+        _check_grid(weight, compressor.quantizers[name], UniformGrid(3, symmetric=False))
 
 
 def test_finalize_needs_calibration_batches() -> None:
     model, _ = _toy()
     compressor = OBC(progress=False)
-    compressor.prepare(model, TARGETS)
+    compressor.prepare(model, TARGETS, INFO)
     with pytest.raises(ValueError, match="calibration"):
         compressor.finalize(model, [])
 
@@ -336,3 +175,38 @@ def test_bad_configuration_raises_config_error(overrides: dict, key: str) -> Non
     with pytest.raises(ConfigError) as error:
         OBC(**overrides)
     assert error.value.key == key
+
+
+def test_post_training_declares_its_calibration_data() -> None:
+    needs = OBC(n_calib=256, calib_passes=2).requirements
+    assert needs == Requirements(trains=False, calib_samples=256, calib_passes=2)
+
+
+class _Grouped(nn.Module):
+    first_layers: list[str] = []
+    classifier_layers: list[str] = []
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.depthwise(torch.relu(self.conv(x)))).mean((2, 3)))
+
+
+def test_grouped_convolutions_are_not_supported_and_stay_dense() -> None:
+    torch.manual_seed(0)
+    model = _Grouped()
+    depthwise = model.depthwise.weight.detach().clone()
+    compressor = OBC(w_bits=4, progress=False, bn_recalib=False)
+    reason = compressor.supports("depthwise", model.depthwise)
+    assert reason is not None and "groups=8" in reason
+    assert compressor.supports("conv", model.conv) is None
+    batches = [(torch.randn(4, 3, 6, 6), torch.randint(0, 4, (4,))) for _ in range(2)]
+    driven = drive(model, compressor, batches, lambda m, b: F.cross_entropy(m(b[0]), b[1]))
+    assert driven.targets == ["conv", "head"] and set(driven.skipped) == {"depthwise"}
+    assert driven.step_seconds == []  # post-training: no optimizer step
+    assert set(driven.finalized.specs) == {"conv", "head"}
+    assert torch.equal(model.depthwise.weight, depthwise)

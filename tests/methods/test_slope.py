@@ -1,16 +1,25 @@
+"""SLOPE / naive / prune / quantize: the alignment term, SR-STE, the fused kernels, finalize
+and bad input."""
+
 import pytest
 import torch
 from torch import nn
 
 from slope_bench.errors import ConfigError
+from slope_bench.loop import drive
+from slope_bench.methods.base import RunInfo
 from slope_bench.methods.slope import _SRSTE, _SRSTELSQ, NMQuantWeight, Slope, row_cosine
 from slope_bench.quant import UniformGrid, _LSQRoundClamp
 from slope_bench.sparsity import NM, nm_mask
 
+INFO = RunInfo(num_train=16)
+
 
 def toy():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.Flatten(), nn.Linear(16 * 64, 10))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.Flatten(), nn.Linear(16 * 64, 10))
+    model.first_layers, model.classifier_layers = ["0"], ["4"]  # targets: ["2"]
+    return model
 
 
 def test_cosine_identity_for_magnitude_mask():
@@ -24,19 +33,19 @@ def test_cosine_identity_for_magnitude_mask():
 def test_alignment_penalty_is_lambda_mean_one_minus_cos():
     model = toy()
     c = Slope(n=2, m=4, w_bits=None, lam=3.0)
-    c.prepare(model, ["2"])
+    c.prepare(model, ["2"], INFO)
     w = model[2].parametrizations.weight.original
     w_hat = model[2].weight
     expected = 3.0 * (1 - torch.nn.functional.cosine_similarity(w.reshape(16, -1), w_hat.reshape(16, -1), dim=1)).mean()
-    assert float(c.penalty()) == pytest.approx(float(expected), rel=1e-5)
+    assert float(c.penalty().detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
     expected_identity = 3.0 * (1 - w_hat.reshape(16, -1).norm(dim=1) / w.reshape(16, -1).norm(dim=1)).mean()
-    assert float(c.penalty()) == pytest.approx(float(expected_identity), rel=1e-4)
+    assert float(c.penalty().detach()) == pytest.approx(float(expected_identity.detach()), rel=1e-4)
 
 
 def test_penalty_gradient_reaches_weights_and_steps():
     model = toy()
     c = Slope(lam=1.0)
-    c.prepare(model, ["2"])
+    c.prepare(model, ["2"], INFO)
     model(torch.randn(2, 3, 8, 8))
     c.penalty().backward()
     p = c.layers["2"]
@@ -46,14 +55,14 @@ def test_penalty_gradient_reaches_weights_and_steps():
 
 def test_none_and_l2_alignments():
     model = toy()
-    assert Slope(alignment="none").prepare(model, ["2"]) is model
+    assert Slope(alignment="none").prepare(model, ["2"], INFO) is model
     model = toy()
     c = Slope(alignment="l2", lam=1.0)
-    c.prepare(model, ["2"])
+    c.prepare(model, ["2"], INFO)
     w, w_hat = model[2].parametrizations.weight.original, model[2].weight
     a, b = w.reshape(16, -1), w_hat.reshape(16, -1)
     expected = ((a - b).pow(2).sum(1) / a.pow(2).sum(1)).mean()
-    assert float(c.penalty()) == pytest.approx(float(expected), rel=1e-5)
+    assert float(c.penalty().detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
 
 
 def test_sr_ste_gradient():
@@ -70,28 +79,41 @@ def test_sr_ste_gradient():
 def test_finalize_gives_exact_nm_and_levels():
     model = toy()
     c = Slope(n=2, m=4, w_bits=3)
-    c.prepare(model, ["2"])
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
-    for step in range(3):
-        loss = model(torch.randn(4, 3, 8, 8)).pow(2).mean() + c.penalty()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        c.on_step(step, 3)
-    c.finalize(model)
+    batches = [(torch.randn(4, 3, 8, 8),) for _ in range(3)]
+    driven = drive(model, c, batches, lambda m, b: m(b[0]).pow(2).mean())
+    assert driven.targets == ["2"] and len(driven.step_seconds) == 3
     w = model[2].weight
     assert not hasattr(model[2], "parametrizations")
     groups = w.reshape(16, -1, 4)
     assert ((groups != 0).sum(-1) <= 2).all()
     for row in w.reshape(16, -1):
         assert len(torch.unique(row[row > 0])) <= 3
-    assert c.specs["2"].pattern == NM(2, 4) and c.specs["2"].bits == 3
+    spec = driven.finalized.specs["2"]
+    assert spec.pattern == NM(2, 4) and spec.bits == 3
+    assert driven.finalized.layer_extras == {}  # N:M applies to every layer
     assert c.setting() == "2:4 w3"
 
 
 def test_layers_not_divisible_by_m_stay_dense():
     p = NMQuantWeight(torch.randn(4, 6), NM(2, 4), UniformGrid(4))
     assert p.pattern is None
+
+
+@pytest.mark.parametrize("w_bits", [None, 4])
+def test_layer_not_divisible_by_m_is_noted_and_trains(w_bits):
+    """The layer stays dense (quantized when there is a grid), gets a ``note``, and its
+    identity forward never registers a parameter (``prune`` with an odd layer)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2))
+    model.first_layers, model.classifier_layers = [], ["4"]
+    c = Slope(n=2, m=4, w_bits=w_bits)
+    batches = [(torch.randn(5, 8),) for _ in range(3)]
+    driven = drive(model, c, batches, lambda m, b: m(b[0]).pow(2).mean())
+    assert driven.finalized.layer_extras == {"2": {"note": "2:4 not applied: input size 6 is not divisible by m=4"}}
+    assert driven.finalized.specs["2"].pattern is None
+    zeros = float((model[2].weight == 0).float().mean())
+    assert zeros == 0.0 if w_bits is None else zeros < 0.25  # only rounding zeros, no pruning
+    assert [n for n, _ in c.layers["2"].named_parameters()] == ([] if w_bits is None else ["step"])
 
 
 @pytest.mark.parametrize(

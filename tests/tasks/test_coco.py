@@ -220,7 +220,7 @@ def test_coco2017_layout_splits_and_evaluate(tmp_path):
 
 def test_missing_or_malformed_coco_raises_dataset_error(tmp_path):
     task = Coco(root=str(tmp_path / "nowhere"), num_workers=0)
-    with pytest.raises(DatasetError, match="COCO 2017 not found at .*nowhere.*train2017/"):
+    with pytest.raises(DatasetError, match=r"^task\.root='.*nowhere': COCO 2017 not found at .*nowhere.*train2017/"):
         task.setup()
     write_coco2017(tmp_path)
     (tmp_path / "annotations" / "instances_val2017.json").write_text("{not json")

@@ -109,17 +109,17 @@ def test_imagenet_image_folder_transforms_and_splits(tmp_path):
     assert task.example_input().shape == (1, 3, 16, 16)
 
 
-def test_imagenet_missing_or_mismatched_raises_dataset_error(tmp_path):
-    with pytest.raises(DatasetError, match="ImageNet not found: expected a folder"):
+def test_imagenet_missing_or_mismatched_names_task_root(tmp_path):
+    with pytest.raises(ConfigError, match=r"^task\.root='.*none' is not allowed: expected a folder with train/ and val/"):
         _ = ImageNet(root=str(tmp_path / "none"), num_workers=0).num_classes
     write_image_folder(tmp_path / "train", {"cat": 3, "dog": 3})
-    with pytest.raises(DatasetError, match=r"image folder not found: expected .*val"):
+    with pytest.raises(DatasetError, match=r"^task\.root='.*': image folder not found: expected .*val"):
         ImageNet(root=str(tmp_path), val_size=1, num_workers=0).setup()
     write_image_folder(tmp_path / "val", {"cat": 1})
-    with pytest.raises(DatasetError, match="expected the same class folders"):
+    with pytest.raises(DatasetError, match=r"^task\.root=.*expected the same class folders"):
         ImageNet(root=str(tmp_path), val_size=1, num_workers=0).setup()
     (tmp_path / "empty" / "train" / "cat").mkdir(parents=True)
-    with pytest.raises(DatasetError, match="malformed"):
+    with pytest.raises(DatasetError, match=r"^task\.root=.*malformed"):
         ImageNet(root=str(tmp_path / "empty"), val_size=1, num_workers=0).setup()
 
 

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
-.PHONY: help install run test test-full lint format bench bench-grid bench-step leaderboard clean
+.PHONY: help install run test test-full lint format bench bench-grid bench-step leaderboard reproduce clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ bench-step: install  ## step time of each method vs dense (resnet18, 8x8 and 32x
 
 leaderboard: install  ## gather outputs/ into a leaderboard (csv, md, png, html)
 	$(PY) -m slope_bench.leaderboard outputs --out outputs/leaderboard $(ARGS)
+
+reproduce: install  ## paper claims checked on the CPU -> experiments/paper_checks/
+	$(PY) -m slope_bench.analysis all --out experiments/paper_checks $(ARGS)
 
 clean:  ## remove run outputs and caches (keeps .venv)
 	rm -rf outputs multirun .cache .pytest_cache

@@ -28,6 +28,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 WANDB_MO
 if [[ "$DRY" == "1" ]]; then
     export CHECK_DEVICE=cpu CHECK_SIZE=32 CHECK_BATCH=8 CHECK_STEPS=2 CHECK_WIDTH=8 CHECK_CALIB=32 CHECK_CALIB_BATCH=16
     export CHECK_DEPLOY_BATCHES="1 4" CHECK_REPEATS=2 CHECK_WORK=${WORK:-/tmp/device_check_dry}
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # a small shared CPU: two threads spin against other jobs
     RECORD_DIR=$CHECK_WORK/gpu
     T_STEPS=60 T_OBC=60 T_DEPLOY=60
 else
@@ -41,6 +42,10 @@ export CHECK_RECORD_DIR=$RECORD_DIR CHECK_DRY=$DRY
 [[ -x "$PY" ]] || { echo "device_check: PY=$PY is not an executable python (make the venv, or set PY=...)" >&2; exit 2; }
 if [[ "$DRY" != "1" ]] && ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     echo "device_check: no CUDA device visible to $PY (DRY=1 runs the CPU dry run)" >&2
+    exit 2
+fi
+if [[ -d "$CHECK_WORK" && -n "$(ls -A "$CHECK_WORK")" && ! -f "$CHECK_WORK/steps.tsv" ]]; then
+    echo "device_check: WORK=$CHECK_WORK exists and is not an earlier check's folder; choose another WORK" >&2
     exit 2
 fi
 rm -rf "$CHECK_WORK"
@@ -75,7 +80,6 @@ import re
 import statistics
 import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -116,12 +120,12 @@ def steps():
     loss + penalty, backward, AdamW, on_step), 2 warm-up steps."""
     import hydra
     import torch.nn.functional as F
-    from omegaconf import OmegaConf
 
     from slope_bench.bench import CONF_DIR
     from slope_bench.loop import drive
     from slope_bench.methods.base import RunInfo
     from slope_bench.step_time import NUM_CLASSES, NUM_TRAIN, build_model
+    from slope_bench.train import method_from_yaml
 
     torch.backends.cudnn.benchmark = True
     rows, dense = [], None
@@ -130,7 +134,7 @@ def steps():
         try:
             torch.manual_seed(0)
             model = build_model("resnet18", SIZE, WIDTH).to(DEVICE)
-            compressor = hydra.utils.instantiate(OmegaConf.load(CONF_DIR / "method" / f"{method}.yaml"))
+            compressor = method_from_yaml(method)
             data = [(torch.randn(BATCH, 3, SIZE, SIZE, device=DEVICE), torch.randint(0, NUM_CLASSES, (BATCH,), device=DEVICE))]
 
             def loss_fn(m, b):
@@ -148,6 +152,8 @@ def steps():
                 torch.cuda.reset_peak_memory_stats()
             print(f"{method:<8} {row['step_ms']:9.1f} ms  {row['vs_dense'] or float('nan'):5.2f}x dense", flush=True)
         except Exception as e:  # noqa: BLE001 - one method failing is recorded; the others still run
+            while e.__cause__ is not None:  # hydra wraps the method's own error
+                e = e.__cause__
             row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             print(f"{method:<8} FAILED {row['error']}", flush=True)
         rows.append(row)
@@ -189,6 +195,12 @@ def fmt(value, spec=".1f"):
     return "—" if value is None else format(value, spec)
 
 
+def last_line(step):
+    path = WORK / f"{step}.log"
+    lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()] if path.is_file() else []
+    return (lines[-1][:200] if lines else "").replace("|", "/")
+
+
 def report():
     m = json.loads((WORK / "machine.json").read_text()) if (WORK / "machine.json").is_file() else {"device": "unknown"}
     steps_tsv = [line.split("\t") for line in (WORK / "steps.tsv").read_text().splitlines() if line]
@@ -204,9 +216,9 @@ def report():
         f"* **Sizes:** ResNet-18 width {WIDTH}, {SIZE} px, batch {BATCH}, {STEPS} timed steps; OBC with {CALIB} calibration images "
         f"({CALIB_BATCH} per batch); deploy at batch {E['CHECK_DEPLOY_BATCHES']}, {E['CHECK_REPEATS']} repeats.",
         "",
-        "| step | status | wall s | timeout s |",
-        "|---|---|---|---|",
-        *[f"| {name} | {status} | {wall} | {limit} |" for name, status, wall, limit in steps_tsv],
+        "| step | status | wall s | timeout s | last log line when it failed |",
+        "|---|---|---|---|---|",
+        *[f"| {name} | {status} | {wall} | {limit} | {'' if status == 'ok' else last_line(name)} |" for name, status, wall, limit in steps_tsv],
         "",
         f"## Training step time, ResNet-18, {SIZE} px, batch {BATCH}, bf16 autocast",
         "",

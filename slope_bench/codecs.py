@@ -334,13 +334,19 @@ def bits_float(patterns: torch.Tensor) -> torch.Tensor:
     return signed.to(torch.int32).view(torch.float32)
 
 
+def sorted_unique(values: torch.Tensor) -> torch.Tensor:
+    """``torch.unique(values)`` (sorted) through numpy, whose sort is many times faster on CPU."""
+    return torch.from_numpy(np.unique(values.detach().reshape(-1).numpy()))
+
+
 def unique_integers(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.unique(values, return_inverse=True)`` for int64, by counting when the range is small."""
     if values.numel() == 0:
         return values.new_zeros(0), values.new_zeros(0)
     low, high = int(values.min()), int(values.max())
     if high - low >= 1 << 20:
-        return torch.unique(values, return_inverse=True)
+        present = sorted_unique(values)
+        return present, torch.searchsorted(present, values)
     shifted = values - low if low else values
     present = torch.bincount(shifted, minlength=high - low + 1) > 0
     if bool(present.all()):  # every value in low..high occurs: the inverse is the shift

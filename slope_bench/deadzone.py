@@ -123,7 +123,7 @@ class _DeadZoneRound(torch.autograd.Function):
         x = (weight.abs() - offset).clamp_(min=0).mul_(sign).div_(step)
         q = x.round().clamp_(-qmax, qmax)
         zero = q == 0
-        out = (q * step).add_(sign, alpha=float(offset)).masked_fill_(zero, 0.0)  # sign(q) = sign(w) off the zero band
+        out = (q * step).addcmul_(sign, offset).masked_fill_(zero, 0.0)  # sign(q) = sign(w) off the zero band
         ctx.save_for_backward(x.neg_().add_(q), sign.masked_fill_(~zero, 0.0))  # q − x, sign(w)·[q = 0]
         return out
 

@@ -590,19 +590,22 @@ def read_config(run_dir: Path) -> Any:
     return cfg
 
 
-def input_shape(cfg: Any, run_dir: Path) -> tuple[int, int, int]:
-    """``(num_classes, in_chans, image_size)``: from ``cfg.task`` when it states them,
-    else from the task built as the run built it (``instantiate(cfg.task, seed=cfg.seed)``).
+def input_shape(cfg: Any, run_dir: Path, results: Mapping[str, Any] | None = None) -> tuple[int, int, int]:
+    """``(num_classes, in_chans, image_size)``: from ``results.json``'s ``input/*`` keys
+    when the run recorded them, else from ``cfg.task`` when it states them, else from the
+    task built as the run built it (``instantiate(cfg.task, seed=cfg.seed)``).
 
     Raises:
         DeployError: naming ``RUN_DIR`` when the task cannot be built here.
     """
     import hydra
 
+    keys = ("num_classes", "in_chans", "image_size")
+    if results is not None and all(isinstance(results.get(f"input/{k}"), int) for k in keys):
+        return tuple(int(results[f"input/{k}"]) for k in keys)  # type: ignore[return-value]
     task = cfg.get("task")
     if task is None:
         raise DeployError("RUN_DIR", run_dir, f"{CONFIG_PATH} has no task node (input shape unknown)")
-    keys = ("num_classes", "in_chans", "image_size")
     if all(k in task and task.get(k) is not None for k in keys):
         return tuple(int(task.get(k)) for k in keys)  # type: ignore[return-value]
     try:
@@ -746,7 +749,7 @@ def deploy(
     if not packed_path.is_file():
         raise DeployError("RUN_DIR", run_dir, f"no {PACKED_NAME} (this run has no packed artifact to deploy)")
     cfg = read_config(run_dir)
-    num_classes, in_chans, image_size = input_shape(cfg, run_dir)
+    num_classes, in_chans, image_size = input_shape(cfg, run_dir, results)
     torch_dtype = DTYPES[dtype_name]
 
     from slope_bench.export import load_packed
@@ -926,7 +929,8 @@ def write_run(
     :func:`slope_bench.export.export_packed`), ``.hydra/config.yaml`` (``seed``, the
     model node, a ``task`` node stating ``num_classes`` / ``in_chans`` / ``image_size``,
     the method's name) and ``results.json`` (identity, ``compress/*`` measured from the
-    tensors, ``layers``, and ``extra``). Zeros are made ``+0.0`` first, as a run does.
+    tensors, ``input/*`` (the input shape), ``layers``, and ``extra``). Zeros are made
+    ``+0.0`` first, as a run does.
 
     Args:
         out_dir: the directory (created).
@@ -960,6 +964,7 @@ def write_run(
     name = str(model_cfg.get("name", type(model).__name__))
     save_state(out_dir / FINALIZED_NAME, state, metadata={"method": method, "model": name})
     results: dict[str, Any] = {"method": method, "model": name, "task": "synthetic", "seed": seed, "setting": setting, "status": "ok"}
+    results.update({"input/num_classes": num_classes, "input/in_chans": in_chans, "input/image_size": image_size})
     report = measure(model, finalized.specs, torch.zeros(1, in_chans, image_size, image_size))
     layers = report.pop("layers")
     for layer in layers:
@@ -1025,9 +1030,9 @@ def synthetic_run(
     import hydra
     from omegaconf import OmegaConf
 
-    from slope_bench.bench import CONF_DIR
     from slope_bench.loop import drive
     from slope_bench.methods.base import RunInfo
+    from slope_bench.utils import CONF_DIR
 
     torch.manual_seed(seed)
     dev = torch.device(device)
@@ -1035,10 +1040,12 @@ def synthetic_run(
     node = {k: v for k, v in node.items() if k not in ("defaults", "dense_lr", "finetune_lr")}
     node.update(model_overrides or {})
     net = hydra.utils.instantiate(OmegaConf.create(node), num_classes=num_classes, in_chans=3, image_size=image_size).to(dev)
+    from slope_bench.train import METHOD_SEARCH, build
+
     spec = OmegaConf.load(CONF_DIR / "method" / f"{method}.yaml")
     for key, value in (method_overrides or {}).items():
         spec[key] = value
-    compressor = hydra.utils.instantiate(spec)
+    compressor = build("method", spec, METHOD_SEARCH)
     data = [(torch.randn(batch, 3, image_size, image_size, device=dev), torch.randint(0, num_classes, (batch,), device=dev))]
 
     def calib(samples: int, passes: int) -> list[torch.Tensor]:

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 import torch
 
-from slope_bench.codecs import CodecError, bits_float, float_bits, pack_bits, unique_integers, unpack_bits
+from slope_bench.codecs import CodecError, bits_float, float_bits, pack_bits, sorted_unique, unique_integers, unpack_bits
 from slope_bench.methods.base import LayerSpec
 from slope_bench.metrics import FLOAT_BITS, bits_for_levels, group_rows
 from slope_bench.quant import fp16_exact
@@ -68,7 +68,7 @@ def uniform_scales(
     if bool(done.all()):
         return scales
     index = (nonzero & ~done[:, None]).reshape(-1).nonzero().reshape(-1)
-    keys = torch.unique((index // group_len) << 32 | float_bits(flat[index]))
+    keys = sorted_unique((index // group_len) << 32 | float_bits(flat[index]))
     pair_group, pair_value = keys >> 32, bits_float(keys & 0xFFFFFFFF)
     if max_levels is not None and int(torch.bincount(pair_group).max()) > max_levels:
         return None
@@ -105,7 +105,7 @@ def deadzone_grid(
         ``(s, δ, magnitudes, integer levels of the magnitudes)`` or None (also when there
         are more than ``max_levels`` magnitudes).
     """
-    magnitudes = torch.unique(flat[flat != 0].abs())
+    magnitudes = sorted_unique(flat[flat != 0].abs())
     if max_levels is not None and magnitudes.numel() > max_levels:
         return None
     if magnitudes.numel() == 0:
@@ -215,7 +215,7 @@ def _fit_deadzone(flat, positions, bits, group_len, max_levels):
 
 
 def _fit_codebook(flat, positions, bits, group_len, max_levels):
-    book = torch.unique(flat[flat != 0])
+    book = sorted_unique(flat[flat != 0])
     if max_levels is not None and book.numel() > max_levels:
         return None, None, None, f"more than {max_levels} codebook values"
     if not bool((fp16_exact(book) == book).all()):
@@ -229,7 +229,9 @@ def _fit_table(flat, positions, group_len):
     """Per-group float32 table of the coded values (always exact)."""
     groups = positions // group_len
     count = flat.numel() // group_len
-    keys, inverse = torch.unique(groups << 32 | float_bits(flat[positions]), return_inverse=True)
+    pairs = groups << 32 | float_bits(flat[positions])
+    keys = sorted_unique(pairs)
+    inverse = torch.searchsorted(keys, pairs)
     key_group = keys >> 32
     starts = torch.searchsorted(keys, torch.arange(count, dtype=torch.int64) << 32)
     rank = torch.arange(keys.numel()) - starts[key_group]

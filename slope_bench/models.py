@@ -166,13 +166,13 @@ class ResNet18(tv_resnet.ResNet):
 
 def resnet18(
     num_classes: int,
-    name: str = "resnet18",
     in_chans: int = 3,
     image_size: int = 224,
     width: int = 64,
     small_input: bool | None = None,
     pretrained: bool = False,
     checkpoint: str | None = None,
+    name: str = "resnet18",
 ) -> nn.Module:
     """ResNet-18 (BasicBlock ×[2, 2, 2, 2]) with a width knob.
 
@@ -218,7 +218,6 @@ def default_patch_size(image_size: int) -> int:
 
 def vit_small(
     num_classes: int,
-    name: str = "vit_small",
     in_chans: int = 3,
     image_size: int = 224,
     patch_size: int | None = None,
@@ -230,6 +229,7 @@ def vit_small(
     fused_attention: bool = False,
     pretrained: bool = False,
     checkpoint: str | None = None,
+    name: str = "vit_small",
 ) -> nn.Module:
     """timm's ViT-S (embed 384, depth 12, 6 heads) sized to the task's input.
 
@@ -426,7 +426,6 @@ def resnet_body(backbone: str, in_chans: int = 3, width: int = 64, norm: str = "
 
 def maskrcnn(
     num_classes: int,
-    name: str = "maskrcnn",
     in_chans: int = 3,
     image_size: int = 800,
     backbone: str = "resnet50",
@@ -451,6 +450,7 @@ def maskrcnn(
     box_head_dim: int = 1024,
     mask_head_channels: int = 256,
     mask_head_layers: int = 4,
+    name: str = "maskrcnn",
 ) -> nn.Module:
     """torchvision Mask R-CNN with a ResNet-FPN backbone (R50-FPN by default, the papers' setting).
 

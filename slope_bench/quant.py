@@ -1,8 +1,12 @@
 """Quantization grids and pure quantizer functions (STE, LSQ, round-to-nearest).
 
-A grid is a frozen dataclass; functions take tensors and return tensors. Scales are
-rounded to float16-representable values before a model is finalized (``harden``) so
-that the packed artifact (16-bit scales) reproduces the finalized weights bit for bit.
+A grid is a frozen dataclass (:class:`UniformGrid`: the papers' signed grid by default,
+symmetric, or asymmetric with integer zero points); functions take tensors and return
+tensors: LSQ's op with its Eq. 3 gradients (:func:`fake_quantize`, and fused with SR-STE,
+:func:`masked_fake_quantize`), min-max and clipping-search ranges (:func:`fit_grid`),
+codes and values. Scales are rounded to float16-representable values before a model is
+finalized (``harden``) so that the packed artifact (16-bit scales) reproduces the
+finalized weights bit for bit.
 """
 
 from __future__ import annotations

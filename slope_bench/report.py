@@ -9,6 +9,7 @@ did not finish; :func:`objectives` is what a sweeper optimises.
 
 from __future__ import annotations
 
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from slope_bench.distributed import is_global_zero
 from slope_bench.export import export_packed, positive_zeros
 from slope_bench.lit import Fit
 from slope_bench.methods.base import Compressor, Finalized
 from slope_bench.metrics import measure
 from slope_bench.references import Reference, config_id
-from slope_bench.utils import atomic_write_json, save_state
+from slope_bench.utils import atomic_write_bytes, atomic_write_json, save_state
 
 
 def record(
@@ -81,6 +83,9 @@ def record(
         "status": "ok",
         "main_metric": main,
         "model_width": cfg.model.get("width"),
+        "input/num_classes": task.num_classes,
+        "input/in_chans": task.in_chans,
+        "input/image_size": task.image_size,
         "config_id": config_id(cfg),
         "method_config": {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k != "_target_"},
     }
@@ -184,11 +189,9 @@ def make_logger(cfg: DictConfig):
         if cfg.get("resume", False) and id_file.is_file():
             run_id = id_file.read_text().strip()
         else:
-            import wandb
-
-            run_id = wandb.util.generate_id()
-            id_file.parent.mkdir(parents=True, exist_ok=True)
-            id_file.write_text(run_id + "\n")
+            run_id = secrets.token_hex(4)  # W&B run ids: 8 characters of [a-z0-9]
+            if is_global_zero():  # the other ranks of a DDP run log nothing
+                atomic_write_bytes(id_file, (run_id + "\n").encode())
         return hydra.utils.instantiate(cfg.logger, id=run_id, resume="allow")
     return hydra.utils.instantiate(cfg.logger)
 

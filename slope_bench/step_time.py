@@ -45,21 +45,46 @@ def build_model(model_name: str, size: int, width: int | None = None) -> torch.n
     return hydra.utils.instantiate(node, num_classes=NUM_CLASSES, in_chans=3, image_size=size)
 
 
+PRECISIONS = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
 def step_ms(
-    method: str, size: int, width: int | None, batch: int, steps: int, warmup: int = 2, seed: int = 0, model_name: str = "resnet18"
+    method: str,
+    size: int,
+    width: int | None,
+    batch: int,
+    steps: int,
+    warmup: int = 2,
+    seed: int = 0,
+    model_name: str = "resnet18",
+    device: str = "cpu",
+    precision: str = "32-true",
 ) -> float | None:
-    """Median wall time (ms) of one training step of ``method`` (None: a post-training method)."""
+    """Median wall time (ms) of one training step of ``method`` (None: a post-training method).
+
+    ``precision`` ``bf16-mixed`` / ``16-mixed`` runs the forward under autocast (weights,
+    quantizer steps and gates stay fp32), as ``trainer.precision`` does in a run.
+    """
     torch.manual_seed(seed)
-    model = build_model(model_name, size, width)
+    dev = torch.device(device)
+    model = build_model(model_name, size, width).to(dev)
     compressor = method_from_yaml(method)
     if not compressor.requirements.trains:
         return None
-    data = [(torch.randn(batch, 3, size, size), torch.randint(0, NUM_CLASSES, (batch,)))]
+    data = [(torch.randn(batch, 3, size, size, device=dev), torch.randint(0, NUM_CLASSES, (batch,), device=dev))]
+    dtype = PRECISIONS[precision]
+
+    def loss_fn(m, b):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()  # the previous step's kernels finish inside its own interval
+        with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
+            return F.cross_entropy(m(b[0]), b[1])
+
     driven = drive(
         model,
         compressor,
         data,
-        lambda m, b: F.cross_entropy(m(b[0]), b[1]),
+        loss_fn,
         steps=warmup + steps,
         info=RunInfo(num_train=NUM_TRAIN, seed=seed),
         lr=1e-4,
@@ -77,7 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per method (after 2 warm-up steps)")
     parser.add_argument("--out", type=Path, default=None, help="folder for step_time.json / step_time.md")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--precision", default="32-true", choices=list(PRECISIONS))
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here")
     check_names(parser, "method", args.methods)
     check_names(parser, "model", [args.model])
     if args.model == "maskrcnn":
@@ -89,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     for size in args.size:
         dense = None
         for method in methods:
-            ms = step_ms(method, size, args.width, args.batch, args.steps, model_name=args.model)
+            ms = step_ms(
+                method, size, args.width, args.batch, args.steps, model_name=args.model, device=args.device, precision=args.precision
+            )
             if ms is None:
                 print(f"{size:>3}px  {method:<20} post-training: no training steps", flush=True)
                 continue
@@ -102,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": machine(),
             "threads": torch.get_num_threads(),
+            "device": args.device,
+            "precision": args.precision,
             "model": f"{args.model} width {args.width}" if args.model == "resnet18" else args.model,
             "batch": args.batch,
             "steps": args.steps,

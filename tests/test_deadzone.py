@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -79,12 +80,34 @@ def test_levels_evenly_spaced_with_top_level_a(theta_d: float, bits: int) -> Non
     assert (out.unique().numel()) == 2 * q + 1
 
 
-def test_percentile_is_nearest_rank() -> None:
+def test_percentile_nearest_rank_knob() -> None:
     w = -torch.arange(1.0, 101.0)  # |w| = 1..100
-    assert percentile_abs(w, 99.0).item() == 99.0
+    assert percentile_abs(w, 99.0, "nearest_rank").item() == 99.0
+    assert percentile_abs(w, 100.0, "nearest_rank").item() == 100.0
+    assert percentile_abs(w, 0.5, "nearest_rank").item() == 1.0
+    assert percentile_abs(w, 50.0, "nearest_rank").item() == 50.0
+    with pytest.raises(ValueError, match="interpolation"):
+        percentile_abs(w, 99.0, "midpoint")
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 100, 1001, 4608])
+@pytest.mark.parametrize("q", [0.5, 50.0, 99.0, 99.9, 100.0])
+def test_percentile_is_numpy_linear(n: int, q: float) -> None:
+    """CoDeQ's reference takes the linearly interpolated percentile (numpy's default,
+    torch.quantile's): position ``q/100 · (n − 1)`` in the sorted ``|w|``."""
+    w = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    expected = float(np.percentile(w.abs().numpy(), q))  # method="linear"
+    assert percentile_abs(w, q).item() == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert percentile_abs(w, q).item() == pytest.approx(float(torch.quantile(w.abs(), q / 100)), rel=1e-12, abs=1e-15)
+    w32 = w.float()
+    assert percentile_abs(w32, q).dtype == torch.float32
+    assert percentile_abs(w32, q).item() == pytest.approx(float(np.percentile(w32.abs().numpy(), q)), rel=1e-6)
+
+
+def test_percentile_linear_by_hand() -> None:
+    w = -torch.arange(1.0, 101.0)  # |w| = 1..100: position 0.99 · 99 = 98.01 → 99 + 0.01 · (100 − 99)
+    assert percentile_abs(w.double(), 99.0).item() == pytest.approx(99.01, abs=1e-12)
     assert percentile_abs(w, 100.0).item() == 100.0
-    assert percentile_abs(w, 0.5).item() == 1.0
-    assert percentile_abs(w, 50.0).item() == 50.0
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -101,7 +124,7 @@ def test_width_equal_to_step_is_the_symmetric_quantizer(bits: int) -> None:
     assert torch.allclose(step, a.double() / q, rtol=1e-9)
     assert abs(float(offset)) < 1e-12
     ours = dead_zone_quantize(w.double(), theta_d, bits, a.double())
-    grid = UniformGrid(bits=bits, granularity="tensor")
+    grid = UniformGrid(bits=bits, kind="symmetric", granularity="tensor")
     plain = fake_quantize(w.double(), (a.double() / q).reshape(1, 1), grid)
     assert torch.allclose(ours, plain, atol=1e-12)
     # same identity straight from the width
@@ -198,4 +221,5 @@ def test_harden_is_exact_from_16_bit_numbers() -> None:
     # the 16-bit grid stays within fp16 rounding of the trained one
     soft = dead_zone_quantize(w, torch.tensor(0.8), 3, a)
     assert torch.equal(out == 0, soft == 0)
-    assert torch.allclose(out, soft, rtol=0, atol=4e-3 * float(a))
+    off = (out - soft).abs() > 4e-3 * float(a)  # a weight within fp16 rounding of a level boundary may move one step
+    assert int(off.sum()) <= 0.001 * w.numel() and bool(((out - soft).abs()[off] <= 1.01 * float(s16)).all())

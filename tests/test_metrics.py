@@ -99,3 +99,36 @@ def test_levels_are_counted_per_quantization_group_of_quant():
     per_group = account_tensor("w", w, LayerSpec(None, "uniform", 3, "group", scale_values=4, group_size=4))
     assert (per_channel.levels, per_group.levels) == (4, 2)
     assert (per_channel.w_bits, per_group.w_bits) == (2, 1)
+
+
+@pytest.mark.parametrize("kind", ["signed", "symmetric", "asymmetric"])
+def test_grid_kind_levels_and_zero_points_are_accounted(kind):
+    """A "w2" tensor: 4 levels on the signed and asymmetric grids (2 bits, zero included),
+    3 on the symmetric one; zero points cost 16 bits each inside ``scale_bits``; the record
+    names the grid and its range."""
+    from slope_bench.quant import UniformGrid, fit_grid, harden
+
+    grid = UniformGrid(2, kind)
+    weight = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    scale, zero = fit_grid(weight, grid, "mse")
+    out = harden(weight, scale, grid, zero=zero)
+    zeros = 8 if kind == "asymmetric" else 0
+    spec = LayerSpec(None, "uniform", 2, "channel", 8 + zeros, grid_kind=kind, grid_range="mse", zero_points=zeros)
+    account = account_tensor("w", out, spec, weight)
+    assert account.scale_bits == 16 * (8 + zeros)
+    if kind != "symmetric":  # 4 levels: dense 2-bit codes, zero has a code
+        assert account.w_bits == 2 and account.value_bits == 2 * 8 * 64
+    else:  # ternary: cheaper as a 1-bit mask plus 1-bit signs
+        assert account.w_bits == 1 and account.value_bits + account.index_bits < 2 * 8 * 64
+    with_zero = max(torch.unique(row).numel() for row in out)
+    assert with_zero == (3 if kind == "symmetric" else 4)
+    record = account.record()
+    assert (record["grid"], record["range"], record["zero_points"]) == (kind, "mse", zeros)
+    assert account_tensor("w", out, LayerSpec(None, "uniform", 2, "channel", 8)).record()["grid"] == "uniform"  # undeclared kind
+
+
+def test_layer_spec_rejects_an_unknown_kind_or_too_many_zero_points():
+    with pytest.raises(ValueError):
+        LayerSpec(None, "uniform", 2, grid_kind="unsigned")
+    with pytest.raises(ValueError):
+        LayerSpec(None, "uniform", 2, scale_values=4, zero_points=5)

@@ -9,6 +9,7 @@ from slope_bench.quant import (
     UniformGrid,
     codes,
     fake_quantize,
+    fit_grid,
     fp16_exact,
     grad_scale,
     grid_codes,
@@ -18,6 +19,7 @@ from slope_bench.quant import (
     harden,
     init_lsq_step,
     keep_masked,
+    masked_fake_quantize,
     rtn_step,
     sqnr_db,
     ste_round,
@@ -33,6 +35,76 @@ def test_level_count_per_channel(bits):
         assert len(torch.unique(row)) <= grid.max_levels
         positive = torch.unique(row[row > 0])
         assert len(positive) <= max(2 ** (bits - 1) - 1, 1)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("kind", ["symmetric", "signed", "asymmetric"])
+def test_level_sets(bits, kind):
+    """The integer level sets: symmetric ``±(2^(b−1)−1)`` (2^b − 1 levels), signed
+    ``[−2^(b−1), 2^(b−1)−1]`` and asymmetric ``0..2^b−1`` (2^b levels: "w2" = 4 levels);
+    a tensor that spans the range uses exactly them, and ``harden`` reproduces them."""
+    grid = UniformGrid(bits, kind)
+    expected = {
+        "symmetric": range(-(2 ** (bits - 1) - 1), 2 ** (bits - 1)),
+        "signed": range(-(2 ** (bits - 1)), 2 ** (bits - 1)),
+        "asymmetric": range(0, 2**bits),
+    }[kind]
+    assert list(range(grid.qmin, grid.qmax + 1)) == list(expected)
+    assert grid.max_levels == len(expected) == (2**bits - 1 if kind == "symmetric" else 2**bits)
+    values = torch.linspace(-300.0, 300.0, 2001).reshape(1, -1)
+    assert torch.unique(grid_codes(values, torch.ones(1, 1), grid)).tolist() == [float(c) for c in expected]
+    scale, zero = fit_grid(values, grid, "minmax")
+    out = harden(values, scale, grid, zero=zero)
+    assert torch.unique(out).numel() >= grid.max_levels - 1  # the fp16 scale / rounded zero point may leave one end code unused
+    assert torch.unique(out).numel() <= grid.max_levels
+    assert bool((out == 0).any()) and (zero.item() == 0) == (kind != "asymmetric")
+
+
+@pytest.mark.parametrize("kind", ["symmetric", "signed", "asymmetric"])
+@pytest.mark.parametrize("range_", ["minmax", "mse"])
+def test_fit_grid(kind, range_):
+    """min-max: symmetric ``R/qmax``, signed ``2R/(2^b−1)`` (the OBC/GPTQ ``sym`` rule),
+    asymmetric ``(max − min)/(2^b−1)`` with ``z = round(−min/s)``; mse: the shrink factor
+    in 1.00 … 0.21 with the least ``Σ|q(w) − w|^2.4``, never worse than min-max."""
+    torch.manual_seed(0)
+    w = torch.randn(8, 64, dtype=torch.float64) * torch.rand(8, 1, dtype=torch.float64) + 0.3
+    grid = UniformGrid(3, kind)
+    scale, zero = fit_grid(w, grid, range_)
+    assert torch.equal(scale, fp16_exact(scale)) and scale.shape == (8, 1)
+
+    def error(s, z):
+        return (
+            (grid_values(grid_codes(w, s, grid, z if grid.zero_point else None), s, z if grid.zero_point else None) - w)
+            .abs()
+            .pow(2.4)
+            .sum(1)
+        )
+
+    low, high = w.amin(1, keepdim=True).clamp_max(0), w.amax(1, keepdim=True).clamp_min(0)
+    if kind == "asymmetric":
+        expected = (high - low) / 7
+    elif kind == "signed":
+        expected = 2 * torch.maximum(-low, high) / 7
+    else:
+        expected = torch.maximum(-low, high) / 3
+    minmax_scale, minmax_zero = fit_grid(w, grid, "minmax")
+    assert torch.equal(minmax_scale, fp16_exact(expected))
+    if kind == "asymmetric":
+        assert torch.equal(minmax_zero, torch.round(-low / minmax_scale))
+    if range_ == "mse":
+        assert (error(scale, zero) <= error(minmax_scale, minmax_zero) + 1e-12).all()
+        assert (scale <= minmax_scale).all() and (scale >= 0.2 * minmax_scale).all()
+        # brute force over the 80 candidates of the reference search
+        for r in range(8):
+            best = min(
+                range(80),
+                key=lambda i: (
+                    float(error(*[t[r : r + 1].expand(8, 1) for t in fit_grid(w * (1 - i / 100), grid, "minmax")])[r]),
+                    i,
+                ),
+            )
+            shrunk, z = fit_grid(w * (1 - best / 100), grid, "minmax")
+            assert scale[r].item() == shrunk[r].item() and zero[r].item() == z[r].item()
 
 
 def test_harden_values_are_integer_codes_times_fp16_scales():
@@ -87,7 +159,7 @@ def test_fake_quantize_gradient_flows_to_weight_and_step():
 
 
 def test_asymmetric_and_group_granularity():
-    grid = UniformGrid(4, symmetric=False)
+    grid = UniformGrid(4, "asymmetric")
     assert (grid.qmin, grid.qmax) == (0, 15)
     g = UniformGrid(4, granularity="group", group_size=8)
     w = torch.randn(4, 32)
@@ -101,31 +173,72 @@ def test_sqnr():
     assert sqnr_db(w, w * 0.9) == pytest.approx(20.0, abs=1e-4)  # 10 log10(1 / 0.01)
 
 
-@pytest.mark.parametrize("bad", [dict(bits=0), dict(bits=9), dict(granularity="row")])
+@pytest.mark.parametrize("bad", [dict(bits=0), dict(bits=9), dict(granularity="row"), dict(kind="unsigned")])
 def test_grid_rejects_bad_values(bad):
     with pytest.raises(ValueError):
         UniformGrid(**bad)
 
 
+@pytest.mark.parametrize("kind", ["signed", "symmetric"])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_fused_lsq_gives_lsq_values_and_gradients(bits):
-    """Values: clamp(round(w/s))·s; ∂/∂w = 1 where round(w/s) is in range, else 0;
-    ∂/∂s = round(v) − v inside, the clamp bound outside (Esser et al. 2020, Eq. 3)."""
+def test_fused_lsq_gives_lsq_values_and_gradients(bits, kind):
+    """Values: clamp(round(v))·s; LSQ's Eq. 3 with the clip decided on ``v = w/s``:
+    ``qmin < v < qmax``: ∂/∂w = 1, ∂/∂s = round(v) − v; else ∂/∂w = 0, ∂/∂s = the bound."""
     torch.manual_seed(bits)
-    grid = UniformGrid(bits)
+    grid = UniformGrid(bits, kind)
     w = (torch.randn(6, 40) * 2).requires_grad_()
     step = torch.nn.Parameter(init_lsq_step(w, grid) * 0.5)  # small steps: some weights clamp
     g = torch.randn(6, 40)
     out = fake_quantize(w, step, grid)
     v = (w / step).detach()
     r = torch.round(v)
-    inside = (r >= grid.qmin) & (r <= grid.qmax)
+    inside = (v > grid.qmin) & (v < grid.qmax)
     assert torch.allclose(out, torch.clamp(r, grid.qmin, grid.qmax) * step)
     out.backward(g)
     assert torch.equal(w.grad, g * inside)
-    expected_step = (g * torch.where(inside, r - v, torch.clamp(r, grid.qmin, grid.qmax))).sum(1, keepdim=True)
+    expected_step = (g * torch.where(inside, r - v, torch.where(v <= grid.qmin, float(grid.qmin), float(grid.qmax)))).sum(1, keepdim=True)
     assert torch.allclose(step.grad, expected_step, rtol=1e-5, atol=1e-5)
     assert (~inside).any() or bits == 8  # the clamp is exercised at low bit widths
+
+
+# Hand-computed LSQ Eq. 3 (s = 1, upstream gradient 1): (w, grid, ∂w, ∂s). The band
+# qmax < v < qmax + 0.5 (e.g. 3.3 at 3 bits) rounds to qmax but is outside the clip range.
+EQ3_CASES = [
+    ([3.3, 0.6], UniformGrid(3, "symmetric"), [0.0, 1.0], 3.0 + 0.4),  # the issue's example
+    ([3.3, 0.6], UniformGrid(3), [0.0, 1.0], 3.0 + 0.4),  # signed: qmax = 3 too
+    ([-4.3, -3.7, 2.2], UniformGrid(3), [0.0, 1.0, 1.0], -4.0 + (-0.3) + (-0.2)),  # signed qmin = −4
+    ([-3.2, 1.4, 0.5], UniformGrid(3, "symmetric"), [0.0, 1.0, 1.0], -3.0 + (-0.4) + (0.0 - 0.5)),
+    ([1.2, -1.6, -2.4, 0.4], UniformGrid(2), [0.0, 1.0, 0.0, 1.0], 1.0 + (-2.0 + 1.6) + (-2.0) + (0.0 - 0.4)),  # {−2..1}
+    ([1.2, -1.2, 0.6], UniformGrid(2, "symmetric"), [0.0, 0.0, 1.0], 1.0 - 1.0 + (1.0 - 0.6)),  # ternary
+    ([7.4, -8.2, 6.6, -7.5], UniformGrid(4), [0.0, 0.0, 1.0, 1.0], 7.0 - 8.0 + (7.0 - 6.6) + (-8.0 + 7.5)),
+    ([7.4, -7.4, 0.2], UniformGrid(4, "symmetric"), [0.0, 0.0, 1.0], 7.0 - 7.0 + (0.0 - 0.2)),
+]
+
+
+@pytest.mark.parametrize(("w", "grid", "grad_w", "grad_s"), EQ3_CASES)
+def test_lsq_eq3_by_hand_both_kernels(w, grid, grad_w, grad_s):
+    """Element by element at 2, 3, 4 bits, for ``fake_quantize`` (``_LSQRoundClamp``) and
+    the fused SR-STE+LSQ kernel (mask all kept, no decay)."""
+    for fused in (False, True):
+        weight = torch.tensor([w], dtype=torch.float64, requires_grad=True)
+        step = torch.ones(1, 1, dtype=torch.float64, requires_grad=True)
+        if fused:
+            out = masked_fake_quantize(weight, torch.ones_like(weight, dtype=torch.bool), step, grid, 0.0)
+        else:
+            out = fake_quantize(weight, step, grid)
+        out.sum().backward()
+        assert weight.grad[0].tolist() == grad_w, fused
+        assert step.grad.item() == pytest.approx(grad_s, abs=1e-12), fused
+        assert out[0].tolist() == torch.clamp(torch.round(torch.tensor(w)), grid.qmin, grid.qmax).tolist()
+
+
+def test_lsq_gradient_at_the_bounds_is_the_bound():
+    """Eq. 3 at ``v = qmax`` and ``v = qmin`` exactly: ∂s is the bound, ∂w is 0."""
+    weight = torch.tensor([[3.0, -4.0, 2.5]], requires_grad=True)
+    step = torch.ones(1, 1, requires_grad=True)
+    fake_quantize(weight, step, UniformGrid(3)).sum().backward()
+    assert weight.grad.tolist() == [[0.0, 0.0, 1.0]]
+    assert step.grad.item() == pytest.approx(3.0 - 4.0 + (2.0 - 2.5))
 
 
 @pytest.mark.parametrize(
@@ -149,13 +262,13 @@ def test_group_rows_is_the_one_grouping(shape, granularity, group_size, rows):
 
 
 def test_grid_codes_and_values_with_and_without_zero_point():
-    grid = UniformGrid(3)
+    grid = UniformGrid(3, "symmetric")
     v = torch.tensor([[-1.0, -0.26, 0.0, 0.24, 0.9]])
     step = torch.tensor([[0.25]])
     q = grid_codes(v, step, grid)
     assert q.tolist() == [[-3.0, -1.0, 0.0, 1.0, 3.0]]
     assert torch.equal(grid_values(q, step), q * step)
-    asym = UniformGrid(2, symmetric=False)
+    asym = UniformGrid(2, "asymmetric")
     zero = torch.tensor([[1.0]])
     qa = grid_codes(v, step, asym, zero)
     assert qa.tolist() == [[0.0, 0.0, 1.0, 2.0, 3.0]]

@@ -77,6 +77,7 @@ def test_prepare_train_finalize(w_bits: int | str) -> None:
             bits=bits,
             granularity="tensor",
             scale_values=2,
+            grid_range="percentile",
         )
         assert 2 <= bits <= 8
         assert (w == 0).any()
@@ -134,6 +135,7 @@ def test_bits_decay_lowers_learned_bits() -> None:
 
 def test_config_instantiates() -> None:
     cfg = OmegaConf.load(CONFIG)
+    cfg.pop("search", None)  # the tuning space is not a constructor argument (the run drops it)
     assert "epochs" not in cfg
     compressor = hydra.utils.instantiate(cfg)
     assert isinstance(compressor, CoDeQ) and compressor.name == "codeq"
@@ -156,6 +158,9 @@ def test_config_instantiates() -> None:
         ("percentile", 100.5),
         ("percentile", -3),
         ("lr_theta", 0.0),
+        ("grid", "asymmetric"),
+        ("grid", "signed"),
+        ("percentile_interpolation", "midpoint"),
     ],
 )
 def test_bad_inputs_raise_config_error(key: str, value: object) -> None:
@@ -163,3 +168,19 @@ def test_bad_inputs_raise_config_error(key: str, value: object) -> None:
         CoDeQ(**{key: value})
     assert info.value.key == key
     assert "\n" not in str(info.value)
+
+
+def test_clip_value_is_the_linear_percentile() -> None:
+    """``a`` is numpy's linearly interpolated 99th percentile of ``|W|`` (the reference);
+    ``percentile_interpolation=nearest_rank`` keeps the former convention."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    w = torch.randn(16, 8, 3, 3)
+    p = CoDeQ().make_parametrization("conv", w)
+    assert float(p.width(w)) == pytest.approx(float(p.width(w)), rel=0)
+    a = float(np.percentile(w.abs().numpy(), 99.0))
+    from slope_bench.deadzone import percentile_abs
+
+    assert percentile_abs(w, 99.0, p.interpolation).item() == pytest.approx(a, rel=1e-6)
+    assert CoDeQ(percentile_interpolation="nearest_rank").make_parametrization("conv", w).interpolation == "nearest_rank"

@@ -59,11 +59,23 @@ def _toy() -> tuple[nn.Module, list[torch.Tensor]]:
     return model.eval(), batches
 
 
+RATES = (1e-5, 1e-9)  # seconds per solver iteration / per element update, pinned for the tests
+
+
+@pytest.fixture
+def pinned_rates(monkeypatch):
+    """The exact solver's measured rates replaced by :data:`RATES` (any thread count)."""
+    import slope_bench.obs as obs
+
+    monkeypatch.setattr(obs, "exact_rate", lambda device: RATES)
+
+
 @pytest.mark.parametrize("sequential", [True, False])
-def test_finalize_invariants_on_a_toy_model(sequential: bool) -> None:
+def test_finalize_invariants_on_a_toy_model(sequential: bool, pinned_rates) -> None:
     model, batches = _toy()
     dense = {name: model.get_submodule(name).weight.detach().clone() for name in TARGETS}
-    compressor = OBC(n=2, m=4, w_bits=4, exact_max_cols=32, sequential=sequential, progress=False)
+    # estimates (RATES): stem 4e-4 s, body 7e-3 s, proj 2e-4 s, head 2e-4 s: only body exceeds 1 ms
+    compressor = OBC(n=2, m=4, w_bits=4, exact_budget_s=1e-3, sequential=sequential, progress=False, nm_order="input")
     model = compressor.prepare(model, TARGETS, INFO)
     running_mean = model.norm2.running_mean.clone()
     done = compressor.finalize(model, batches)
@@ -76,12 +88,16 @@ def test_finalize_invariants_on_a_toy_model(sequential: bool) -> None:
         applies = as_matrix(weight).shape[1] % 4 == 0
         assert spec.pattern == (NM(2, 4) if applies else None)
         assert (spec.grid, spec.bits, spec.granularity, spec.scale_values) == ("uniform", 4, "channel", weight.shape[0])
+        assert (spec.grid_kind, spec.grid_range, spec.zero_points) == ("signed", "mse", 0)
         if applies:
             assert satisfies_nm(weight, NM(2, 4))
         _check_grid(as_matrix(weight), compressor.quantizers[name], UniformGrid(4))
         extras = done.layer_extras[name]
         assert 0 < extras["recon_error"] < 1
-        assert extras["solver"] == ("exact" if as_matrix(weight).shape[1] <= 32 else "blocked")
+        assert extras["solver"] == ("blocked" if name == "body" else "exact")
+        assert extras["solver"] == ("exact" if extras["exact_est_s"] <= 1e-3 else "blocked")
+        assert extras["joint"] == (None if not applies else "one_sweep" if name == "body" else "two_pass")
+        assert extras["solve_s"] >= 0
         assert extras["calib_rows"] > 0
         assert not torch.equal(weight, dense[name])
         assert ("note" in extras) == (not applies)
@@ -130,17 +146,59 @@ def test_unstructured_and_full_precision_settings() -> None:
     assert compressor.setting() == "50% fp32"
 
 
-def test_channel_major_groups_and_asymmetric_scales() -> None:
+@pytest.mark.parametrize("joint", ["one_sweep", "two_pass"])
+def test_channel_major_groups_and_asymmetric_scales(joint: str) -> None:
     model, batches = _toy()
-    compressor = OBC(w_bits=3, symmetric=False, nm_order="channel_major", progress=False)
+    compressor = OBC(w_bits=3, grid="asymmetric", range="minmax", joint=joint, progress=False)
+    assert compressor.pattern == NM(2, 4, "channel_major")  # the default for convolutions
     done = compressor.finalize(compressor.prepare(model, TARGETS, INFO), batches)
     pattern = NM(2, 4, "channel_major")
     assert satisfies_nm(model.body.weight, pattern)
     assert done.specs["body"].pattern == pattern
-    assert done.specs["body"].scale_values == 2 * 16
+    assert done.specs["body"].scale_values == 2 * 16 and done.specs["body"].zero_points == 16  # a 16-bit zero point per row
+    assert done.specs["body"].grid_kind == "asymmetric" and compressor.setting() == "2:4 w3 asym"
+    assert done.layer_extras["body"]["joint"] == ("two_pass" if done.layer_extras["body"]["solver"] == "exact" else joint)
     for name in TARGETS:
         weight = as_matrix(model.get_submodule(name).weight.detach(), "channel_major")
-        _check_grid(weight, compressor.quantizers[name], UniformGrid(3, symmetric=False))
+        _check_grid(weight, compressor.quantizers[name], UniformGrid(3, "asymmetric"))
+
+
+def test_solver_choice_follows_the_budget(pinned_rates) -> None:
+    """``exact_budget_s``: null runs the exact solver everywhere (no estimate), 0 the
+    blocked one everywhere, ``auto`` is unlimited on a GPU and ``CPU_EXACT_BUDGET_S`` on a
+    CPU; each layer records the choice, the estimate and its time."""
+    from slope_bench.methods.obc import CPU_EXACT_BUDGET_S
+
+    for budget, expected in ((None, "exact"), (0.0, "blocked")):
+        model, batches = _toy()
+        compressor = OBC(exact_budget_s=budget, progress=False, bn_recalib=False)
+        done = compressor.finalize(compressor.prepare(model, TARGETS, INFO), batches)
+        assert {extras["solver"] for extras in done.layer_extras.values()} == {expected}
+        assert all((extras["exact_est_s"] is None) == (budget is None) for extras in done.layer_extras.values())
+        assert f"time/obc_solve_{expected}_s" in done.results
+    auto = OBC(progress=False)
+    assert auto.budget(torch.device("cpu")) == CPU_EXACT_BUDGET_S and auto.budget(torch.device("cuda")) is None
+    assert auto.layer_solver(16, 72, NM(2, 4), torch.device("cpu")) == ("exact", pytest.approx(7.2e-4 + 16 * 72 * 72**2 * 1e-9))
+    assert auto.layer_solver(512, 4608, NM(2, 4), torch.device("cpu"))[0] == "blocked"
+    assert OBC(solver="blocked").layer_solver(16, 72, NM(2, 4), torch.device("cpu")) == ("blocked", None)
+
+
+def test_exact_solver_runs_chunk_by_chunk_and_records_its_time() -> None:
+    """A layer larger than one chunk of per-row inverse Hessians gives the same result."""
+    import slope_bench.obs as obs
+
+    model, batches = _toy()
+    weight = model.body.weight.detach().clone()
+    hessian = collect_hessians(model, ["body"], batches)["body"]
+    matrix = as_matrix(weight)
+    whole = obs.solve_layer(matrix, hessian, NM(2, 4), None, UniformGrid(3), solver="exact", range_="mse", outlier_rule=True)
+    original = obs.EXACT_CHUNK_ELEMENTS
+    try:
+        obs.EXACT_CHUNK_ELEMENTS = 3 * 72 * 72  # 3 rows per chunk
+        chunked = obs.solve_layer(matrix, hessian, NM(2, 4), None, UniformGrid(3), solver="exact", range_="mse", outlier_rule=True)
+    finally:
+        obs.EXACT_CHUNK_ELEMENTS = original
+    assert torch.equal(whole.weight, chunked.weight)
 
 
 def test_finalize_needs_calibration_batches() -> None:
@@ -167,7 +225,12 @@ def test_finalize_needs_calibration_batches() -> None:
         ({"n": None, "m": None, "sparsity": 1.0}, "sparsity"),
         ({"calib_passes": 0}, "calib_passes"),
         ({"block_size": 0}, "block_size"),
-        ({"exact_max_cols": 0}, "exact_max_cols"),
+        ({"exact_budget_s": -1.0}, "exact_budget_s"),
+        ({"exact_budget_s": "soon"}, "exact_budget_s"),
+        ({"grid": "ternary"}, "grid"),
+        ({"range": "lsq"}, "range"),
+        ({"joint": "both"}, "joint"),
+        ({"outlier_rule": "yes"}, "outlier_rule"),
         ({"sequential": "yes"}, "sequential"),
     ],
 )

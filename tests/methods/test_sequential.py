@@ -17,7 +17,7 @@ from slope_bench.loop import Driven, drive
 from slope_bench.methods.base import RunInfo
 from slope_bench.methods.sequential import Sequential, StagedWeight, compressed_levels
 from slope_bench.quant import fake_quantize
-from slope_bench.sparsity import NM, satisfies_nm
+from slope_bench.sparsity import NM, as_matrix, satisfies_nm
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "method"
 TARGETS = ["features.0", "features.2", "head"]
@@ -156,8 +156,8 @@ def test_mask_of_quantize_then_prune_is_chosen_on_quantized_weights():
     def check(model: nn.Module) -> None:
         layer = compressor.layers["features.2"]
         w = original(model, "features.2").detach()
-        quantized = fake_quantize(w, layer.step.detach(), layer.grid).abs().reshape(8, -1, 4)
-        mask = layer.mask(w).reshape(8, -1, 4).bool()
+        quantized = as_matrix(fake_quantize(w, layer.step.detach(), layer.grid).abs(), "channel_major").reshape(8, -1, 4)
+        mask = as_matrix(layer.mask(w), "channel_major").reshape(8, -1, 4).bool()
         assert torch.equal(mask.sum(-1), torch.full(mask.shape[:2], 2))
         kept = torch.where(mask, quantized, torch.inf).amin(-1)
         dropped = torch.where(mask, -torch.inf, quantized).amax(-1)
@@ -192,16 +192,18 @@ def test_finalize_gives_nm_sparse_weights_on_the_grid(stages, bits):
     compressor = Sequential(stages=stages, w_bits=bits)
     model, driven = run(compressor, 6)
     done = driven.finalized
-    qmax = 2 ** (bits - 1) - 1
+    qmax = 2 ** (bits - 1) - 1  # LSQ's signed grid: qmax positive levels, qmax + 1 negative ones
+    pattern = NM(2, 4, "channel_major")
     for name in TARGETS:
         module = model.get_submodule(name)
         assert not parametrize.is_parametrized(module)
         spec = done.specs[name]
-        assert spec.pattern == NM(2, 4) and spec.grid == "uniform" and spec.bits == bits
+        assert spec.pattern == pattern and spec.grid == "uniform" and spec.bits == bits
+        assert (spec.grid_kind, spec.grid_range) == ("signed", "lsq")
         assert spec.scale_values == module.weight.shape[0]
-        assert satisfies_nm(module.weight, NM(2, 4))
+        assert satisfies_nm(module.weight, pattern)
         assert positive_levels(module.weight) <= qmax
-        assert positive_levels(-module.weight) <= qmax
+        assert positive_levels(-module.weight) <= qmax + 1
     assert done.results == {"train/switch_step": 3, "train/total_steps": 6}
     assert done.layer_extras == {}  # N:M applies to every layer
     assert compressor.setting() == f"2:4 w{bits}"
@@ -212,7 +214,7 @@ def test_finalize_without_training_applies_both_stages():
         compressor, model = build(stages, w_bits=3)
         done = compressor.finalize(model, [])
         weight = model.get_submodule("features.2").weight
-        assert satisfies_nm(weight, NM(2, 4)) and positive_levels(weight) <= 3
+        assert satisfies_nm(weight, NM(2, 4, "channel_major")) and positive_levels(weight) <= 3
         assert done.results == {"train/switch_step": 0, "train/total_steps": 0}
 
 
@@ -268,6 +270,7 @@ def test_unknown_stage_names_the_allowed_stages():
 @pytest.mark.parametrize("name,stages", [("prune_then_quantize", ("prune", "quantize")), ("quantize_then_prune", ("quantize", "prune"))])
 def test_method_configs_compose(name, stages):
     cfg = OmegaConf.load(CONF / f"{name}.yaml")
+    cfg.pop("search", None)  # the tuning space is not a constructor argument (the run drops it)
     assert "epochs" not in cfg
     compressor = hydra.utils.instantiate(cfg)
     assert compressor.stages == stages and compressor.name == name

@@ -8,9 +8,10 @@ from torch import nn
 from slope_bench.errors import ConfigError
 from slope_bench.loop import drive
 from slope_bench.methods.base import RunInfo
-from slope_bench.methods.slope import _SRSTE, _SRSTELSQ, NMQuantWeight, Slope, row_cosine
-from slope_bench.quant import UniformGrid, _LSQRoundClamp
-from slope_bench.sparsity import NM, nm_mask
+from slope_bench.methods.slope import NMQuantWeight, Slope, row_cosine
+from slope_bench.quant import _SRSTELSQ, UniformGrid, _LSQRoundClamp, fp16_exact
+from slope_bench.sparsity import NM, nm_mask, satisfies_nm
+from slope_bench.sparsity import SRSTE as _SRSTE
 
 INFO = RunInfo(num_train=16)
 
@@ -78,7 +79,7 @@ def test_sr_ste_gradient():
 
 def test_finalize_gives_exact_nm_and_levels():
     model = toy()
-    c = Slope(n=2, m=4, w_bits=3)
+    c = Slope(n=2, m=4, w_bits=3, grid="symmetric", nm_order="input")
     batches = [(torch.randn(4, 3, 8, 8),) for _ in range(3)]
     driven = drive(model, c, batches, lambda m, b: m(b[0]).pow(2).mean())
     assert driven.targets == ["2"] and len(driven.step_seconds) == 3
@@ -91,7 +92,8 @@ def test_finalize_gives_exact_nm_and_levels():
     spec = driven.finalized.specs["2"]
     assert spec.pattern == NM(2, 4) and spec.bits == 3
     assert driven.finalized.layer_extras == {}  # N:M applies to every layer
-    assert c.setting() == "2:4 w3"
+    assert (spec.grid_kind, spec.grid_range) == ("symmetric", "lsq")
+    assert c.setting() == "2:4 w3 sym"
 
 
 def test_layers_not_divisible_by_m_stay_dense():
@@ -125,6 +127,10 @@ def test_layer_not_divisible_by_m_is_noted_and_trains(w_bits):
         (dict(w_bits=0), "w_bits"),
         (dict(lam=-1.0), "lam"),
         (dict(alignment="angle"), "alignment"),
+        (dict(grid="asymmetric"), "grid"),
+        (dict(grid="unsigned"), "grid"),
+        (dict(range="mse"), "range"),
+        (dict(range="percentile"), "range"),
     ],
 )
 def test_bad_input_names_the_key(kwargs, key):
@@ -145,15 +151,18 @@ def test_fused_sr_ste_lsq_matches_the_two_step_composition(decay):
     for fused in (True, False):
         w, step = w0.clone().requires_grad_(), step0.clone().requires_grad_()
         if fused:
-            out = _SRSTELSQ.apply(w, keep, step, -7, 7, decay)
+            out = _SRSTELSQ.apply(w, keep, step, -8, 7, decay)
         else:
-            out = _LSQRoundClamp.apply(_SRSTE.apply(w, keep, decay), step, -7, 7)
+            out = _LSQRoundClamp.apply(_SRSTE.apply(w, keep, decay), step, -8, 7)
         out.backward(g)
         grads.append((out.detach(), w.grad, step.grad))
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-12)
     assert (grads[0][0][~keep] == 0).all()
-    assert (grads[0][0].abs() > 7 * step0 + 1e-9).sum() == 0  # clamped at the top level
+    assert (grads[0][0] > 7 * step0 + 1e-9).sum() == 0 and (grads[0][0] < -8 * step0 - 1e-9).sum() == 0  # clamped
+    v = w0 * keep / step0
+    band = ((v > 7) & (v < 7.5)) | ((v < -8) & (v > -8.5))  # rounds to an end code, outside the clip range: no weight gradient (Eq. 3)
+    assert band.any() and (grads[0][1][band & keep] == 0).all()
 
 
 def test_row_cosine_matches_torch_values_and_gradients():
@@ -167,3 +176,30 @@ def test_row_cosine_matches_torch_values_and_gradients():
     out = row_cosine(zero, torch.ones(2, 5, dtype=torch.double))
     out.sum().backward()
     assert torch.equal(out, torch.zeros(2, dtype=torch.double)) and torch.isfinite(zero.grad).all()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_default_grid_is_lsq_signed_with_channel_major_groups(bits):
+    """LSQ's grid: ``2^b`` levels per channel (w2 = {−2, −1, 0, 1}·s); N:M groups along
+    input channels at each spatial position (``channel_major``)."""
+    model = toy()
+    c = Slope(w_bits=bits)
+    assert c.grid.kind == "signed" and c.range == "lsq" and c.pattern == NM(2, 4, "channel_major")
+    driven = drive(model, c, [(torch.randn(4, 3, 8, 8),) for _ in range(2)], lambda m, b: m(b[0]).pow(2).mean())
+    w = model[2].weight
+    assert satisfies_nm(w, NM(2, 4, "channel_major"))
+    for row in w.reshape(16, -1):
+        assert torch.unique(row).numel() <= 2**bits
+        assert torch.unique(row[row > 0]).numel() <= 2 ** (bits - 1) - 1
+    spec = driven.finalized.specs["2"]
+    assert (spec.grid_kind, spec.grid_range, spec.zero_points) == ("signed", "lsq", 0)
+    assert c.setting() == f"2:4 w{bits}"
+
+
+def test_minmax_step_init():
+    w = torch.randn(16, 8, 3, 3)
+    lsq = NMQuantWeight(w, NM(2, 4), UniformGrid(3), range_="lsq").step
+    minmax = NMQuantWeight(w, NM(2, 4), UniformGrid(3), range_="minmax").step
+    kept = w * nm_mask(w, NM(2, 4))
+    torch.testing.assert_close(minmax.detach(), fp16_exact(2 * kept.reshape(16, -1).abs().amax(1, keepdim=True) / 7))
+    assert not torch.allclose(lsq, minmax)

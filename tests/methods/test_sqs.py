@@ -240,6 +240,7 @@ def test_soft_gates_before_prune_end() -> None:
 # ---- configuration -----------------------------------------------------------------------
 def test_yaml_instantiates_with_paper_defaults() -> None:
     cfg = OmegaConf.load(CONFIG)
+    cfg.pop("search", None)  # the tuning space is not a constructor argument (the run drops it)
     assert "epochs" not in cfg
     c = hydra.utils.instantiate(cfg)
     assert isinstance(c, Sqs) and c.name == "sqs" and c.requirements.trains

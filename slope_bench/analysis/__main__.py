@@ -1,0 +1,3 @@
+from slope_bench.analysis import main
+
+raise SystemExit(main())

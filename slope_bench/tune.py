@@ -33,7 +33,9 @@ from slope_bench.utils import CONF_DIR
 def search_space(method: str) -> dict[str, str]:
     """``{knob: sweep expression}`` declared under ``search`` in ``conf/method/<method>.yaml``."""
     node = OmegaConf.load(CONF_DIR / "method" / f"{method}.yaml")
-    space = node.get("search") or {}
+    space = node.get("search")
+    if not space:
+        return {}
     return {str(k): str(v) for k, v in OmegaConf.to_container(space).items()}
 
 

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from slope_bench.distributed import is_global_zero
+from slope_bench.coded import export_coded
 from slope_bench.export import export_packed, positive_zeros
 from slope_bench.lit import Fit
 from slope_bench.methods.base import Compressor, Finalized
@@ -121,6 +122,7 @@ def record(
     state = model.state_dict()
     save_state(out_dir / "finalized.safetensors", state, metadata={"method": compressor.name, "model": cfg.model.name})
     results.update(export_packed(state, finalized.specs, out_dir))  # the real artifact, verified on write
+    results.update(export_coded(state, finalized.specs, out_dir, dense_bytes=results["compress/dense_bytes"]))  # its entropy-coded twin
     results["layers"] = layers
     atomic_write_json(out_dir / "results.json", results)
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # resume points are kept only until the run is recorded

@@ -18,8 +18,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from slope_bench.distributed import is_global_zero
 from slope_bench.coded import export_coded
+from slope_bench.distributed import is_global_zero
 from slope_bench.export import export_packed, positive_zeros
 from slope_bench.lit import Fit
 from slope_bench.methods.base import Compressor, Finalized

@@ -27,6 +27,7 @@ def test_step_time_rejects_bad_input(argv):
     assert e.value.code == 2
 
 
+@pytest.mark.slow
 def test_step_time_on_vit_small(tmp_path):
     argv = ["--model", "vit_small", "--methods", "slope", "--size", "8", "--batch", "2", "--steps", "1", "--out", str(tmp_path)]
     assert step_time.main(argv) == 0

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 
 from slope_bench import leaderboard
 from tests.conftest import ROOT, SHRINK
@@ -21,6 +22,7 @@ def cli(args: list[str], tmp_path, timeout: int = 900) -> subprocess.CompletedPr
     return proc
 
 
+@pytest.mark.slow  # 4 jobs; the default suite runs the 2-job sweep below
 def test_multirun_grid_gives_one_result_per_job_and_a_leaderboard(tmp_path):
     sweep = tmp_path / "sweep"
     cli(["-m", "method=slope,naive", "method.w_bits=2,4", f"hydra.sweep.dir={sweep}"], tmp_path)
@@ -41,8 +43,11 @@ def test_failed_job_does_not_stop_the_sweep(tmp_path):
     assert status == ["failed", "ok"]
     failed = next(r for r in records if r["status"] == "failed")
     assert "w_bits" in failed["error"]
+    paths = leaderboard.write([sweep], tmp_path / "board")  # one row per job, failures listed
+    assert len(pd.read_csv(paths["csv"])) >= 1
 
 
+@pytest.mark.slow  # the Optuna sweeper runs in the default suite through hparams_search=tune
 def test_optuna_pareto_search_runs_two_trials(tmp_path):
     sweep = tmp_path / "optuna"
     cli(

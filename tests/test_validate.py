@@ -138,6 +138,7 @@ def test_cli_bad_input_is_one_line_exit_2_nothing_written(overrides, key, tmp_pa
         assert "codeq" in lines[0] and "sparsity_decay" in lines[0] and "lam" not in lines[0], lines[0]
 
 
+@pytest.mark.slow  # two full runs; tests/test_coded.py checks byte identity across processes
 def test_identical_runs_write_identical_artifacts(tmp_path, shared_cache):
     """Byte-identical finalized and packed files; results equal apart from timings; mode 0644."""
     runs = [run(compose_config([*SHRINK, "control.dense_ft=false"], tmp_path / name, shared_cache)) for name in ("a", "b")]

@@ -7,8 +7,17 @@ Checks (issue 19): ``prune-vs-quant`` (Kuzmin et al. 2023), ``order`` (Harma et 
 agrees) for the checks run. Everything is written into a temporary folder first and moved
 into ``--out`` only when every check has finished: bad input (one line naming the
 argument, exit 2) or a failure leaves ``--out`` untouched. ``--quick`` shrinks every check
-(the tests use it). Without ``--run`` the model-level checks use a narrow ResNet-18
-trained briefly here on the embedded digits task, and say so.
+(the tests use it): fewer samples and steps, and without ``--run`` fewer layers.
+
+``--run RUN_DIR`` (a ``run.py`` run directory: ``results.json`` and the ``.hydra/config.yaml``
+Hydra saves) uses that run's cached dense reference, its task with its seed (so its
+calibration data) and exactly the layers it compressed (``results.json``'s ``layers``):
+``prune-vs-quant`` adds ``prune_vs_quant_layers.csv`` (one row per layer and bit width),
+``order`` has one row per layer, pattern and bit width, ``obc-layerwise`` one per layer and
+setting (a layer with more than 300 input columns, 100 with ``--quick``, is skipped and
+named in the claim) and ``alignment`` one per layer that SLOPE's 2:4 applies to and
+alignment mode. Without ``--run`` the model-level checks use a narrow ResNet-18 trained
+briefly here on the embedded digits task, and say so.
 """
 
 from __future__ import annotations

@@ -18,6 +18,11 @@ from slope_bench.analysis import layers as L  # noqa: E402
 from slope_bench.analysis import tensors as T  # noqa: E402
 
 GAUSS_QUANT_DB, GAUSS_PRUNE_DB, DB_TOL = 19.1, 5.6, 0.3
+OBC_MAX_COLS, OBC_MAX_COLS_QUICK = 300, 100  # exact OBC is O(rows·d³): layers with more input columns are skipped (and named)
+OBC_COLUMNS = ["layer", "shape", "setting"] + [
+    f"{k}{s}" for k in ("magnitude_rtn", "sequential", "obc_exact", "obc_blocked") for s in ("_s", "")
+]
+OBC_COLUMNS += ["obc_beats_baseline", "blocked_over_exact"]
 
 
 @dataclass
@@ -147,7 +152,7 @@ def _per_layer_kurtosis(ctx: Context, rows: list[dict], out: Path) -> dict:
 def order(ctx: Context, out: Path) -> list[dict]:
     setup = ctx.setup()
     weights = L.layer_weights(setup)
-    if ctx.quick:
+    if ctx.quick and ctx.run is None:  # a run's layers are all checked: it chose them
         weights = dict(list(weights.items())[:4])
     table = pd.DataFrame(T.order_rows(weights, ctx.bits))
     table.to_csv(out / "order.csv", index=False)
@@ -203,11 +208,30 @@ def order(ctx: Context, out: Path) -> list[dict]:
 # ---- 3. OBC layer-wise ------------------------------------------------------------------------
 def obc_layerwise(ctx: Context, out: Path) -> list[dict]:
     setup = ctx.setup()
-    if ctx.quick:
+    if ctx.quick and ctx.run is None:  # a run's layers are all checked: it chose them
         setup = L.Setup(setup.model, setup.task, setup.layers[:3], setup.source, setup.width)
-    rows, skipped = L.obc_rows(setup, calib_samples=64 if ctx.quick else 256, max_cols=150 if ctx.quick else 300)
-    table = pd.DataFrame(rows)
+    max_cols = OBC_MAX_COLS_QUICK if ctx.quick else OBC_MAX_COLS
+    rows, skipped = L.obc_rows(setup, calib_samples=64 if ctx.quick else 256, max_cols=max_cols)
+    table = pd.DataFrame(rows, columns=OBC_COLUMNS)
     table.to_csv(out / "obc_layerwise.csv", index=False)
+    skip = f"; skipped (> {max_cols} columns): {', '.join(skipped)}" if skipped else ""
+    if table.empty:  # every layer above the column limit (e.g. a ViT's 384-wide linears)
+        fig, ax = plt.subplots(figsize=(6, 2))
+        ax.text(0.5, 0.5, f"no layer with at most {max_cols} input columns", ha="center", va="center")
+        ax.axis("off")
+        _save(fig, out / "obc_layerwise.png")
+        none = f"no layer within the column limit; {setup.source}{skip}"
+        return [
+            claim(
+                "obc-layerwise",
+                "OBC exact error ≤ magnitude/RTN error on every layer",
+                "Frantar et al., NeurIPS 2022 (OBC)",
+                "every layer",
+                none,
+                "all",
+                None,
+            ),
+        ]
     fig, axes = plt.subplots(1, len(L.OBC_SETTINGS), figsize=(14, 4))
     for ax, (setting, g) in zip(axes, table.groupby("setting", sort=False), strict=False):
         x = range(len(g))
@@ -221,7 +245,6 @@ def obc_layerwise(ctx: Context, out: Path) -> list[dict]:
     beats = int(table.obc_beats_baseline.sum())
     ratio = statistics.median(table.blocked_over_exact)
     speed = statistics.median(table.obc_exact_s / table.obc_blocked_s)
-    skip = f"; skipped (> columns limit): {', '.join(skipped)}" if skipped else ""
     return [
         claim(
             "obc-layerwise",
@@ -249,8 +272,29 @@ def alignment(ctx: Context, out: Path) -> list[dict]:
     setup = ctx.setup()
     identity = L.cosine_identity_error(L.layer_weights(setup))
     steps = 3 if ctx.quick else 30
-    table = pd.DataFrame(L.alignment_rows(setup, steps=steps, seed=ctx.seed))
+    table = pd.DataFrame(L.alignment_rows(setup, steps=steps, seed=ctx.seed), columns=["alignment", "layer", "cosine", "val_top1", "steps"])
     table.to_csv(out / "alignment.csv", index=False)
+    identity_claim = claim(
+        "alignment",
+        "cos(w, m⊙w) = ‖m⊙w‖/‖w‖ for a magnitude mask",
+        "SLOPE (Liu, Dvornik, Liu, BMVC 2025)",
+        "identity",
+        f"max deviation {identity:.1e}",
+        "1e-6",
+        identity <= 1e-6,
+    )
+    if table.empty:  # SLOPE's 2:4 applies to none of the layers
+        fig, ax = plt.subplots(figsize=(6, 2))
+        ax.text(0.5, 0.5, "SLOPE 2:4 applies to none of the layers", ha="center", va="center")
+        ax.axis("off")
+        _save(fig, out / "alignment.png")
+        none = f"SLOPE 2:4 applies to none of the layers ({setup.source})"
+        return [
+            identity_claim,
+            claim(
+                "alignment", "the alignment term raises cos(W, Ŵ)", "SLOPE (BMVC 2025)", "raises it", none, "cosine > none on average", None
+            ),
+        ]
     pivot = table.pivot(index="layer", columns="alignment", values="cosine").reindex(table.layer.unique())
     fig, ax = plt.subplots(figsize=(9, 4))
     for mode in L.ALIGNMENT_MODES:
@@ -265,15 +309,7 @@ def alignment(ctx: Context, out: Path) -> list[dict]:
     acc = table.groupby("alignment").val_top1.first()
     raised = int((pivot["cosine"] > pivot["none"]).sum())
     return [
-        claim(
-            "alignment",
-            "cos(w, m⊙w) = ‖m⊙w‖/‖w‖ for a magnitude mask",
-            "SLOPE (Liu, Dvornik, Liu, BMVC 2025)",
-            "identity",
-            f"max deviation {identity:.1e}",
-            "1e-6",
-            identity <= 1e-6,
-        ),
+        identity_claim,
         claim(
             "alignment",
             "the alignment term raises cos(W, Ŵ)",

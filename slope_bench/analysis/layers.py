@@ -15,9 +15,10 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from slope_bench.calibration import collect_hessians
+from slope_bench.errors import ConfigError
 from slope_bench.loop import drive
 from slope_bench.methods.slope import Slope, row_cosine
-from slope_bench.models import resnet18, target_names
+from slope_bench.models import choose_targets, resnet18, target_names
 from slope_bench.obs import reconstruction_error, solve_layer
 from slope_bench.quant import UniformGrid
 from slope_bench.sparsity import NM, as_matrix, nm_mask
@@ -67,41 +68,79 @@ def default_setup(width: int = 8, steps: int = 150, seed: int = 0) -> Setup:
 
 
 def run_setup(run_dir: Path) -> Setup:
-    """The dense reference of a finished run (its task rebuilt from ``.hydra/config.yaml``).
+    """The dense reference of a finished run: its model rebuilt from ``.hydra/config.yaml``
+    (the config Hydra saves for ``run.py``) with the cached dense weights, its task (the
+    same data, splits and calibration batches: built with the run's seed), and the layers
+    the run compressed (``results.json``'s ``layers``, in order).
 
     Raises:
-        AnalysisError: no ``results.json``, no config, or no cached dense reference.
+        AnalysisError: naming ``--run`` when ``results.json`` or the config is missing or
+            unreadable, the dense reference is not in the cache, the model or task cannot
+            be rebuilt, or ``results.json`` names no layer of the model.
     """
-    import hydra
+    import json
 
     from slope_bench import references
     from slope_bench.train import MODEL_RECIPE, build
 
-    if not (run_dir / "results.json").is_file():
-        raise AnalysisError(f"--run {run_dir}: no results.json (not a finished run directory)")
+    def fail(why: str) -> AnalysisError:
+        return AnalysisError(f"--run {run_dir}: {why}")
+
+    results_path = run_dir / "results.json"
+    if not results_path.is_file():
+        raise fail("no results.json (not a finished run directory)")
+    try:
+        results = json.loads(results_path.read_text())
+    except (OSError, ValueError) as e:
+        raise fail(f"results.json is unreadable ({_first_line(e)})") from None
+    if not isinstance(results, dict):
+        raise fail("results.json is not a JSON object")
     config = run_dir / ".hydra" / "config.yaml"
     if not config.is_file():
-        raise AnalysisError(f"--run {run_dir}: no .hydra/config.yaml")
-    cfg = OmegaConf.load(config)
-    hydra_yaml = run_dir / ".hydra" / "hydra.yaml"
-    cwd = OmegaConf.load(hydra_yaml).hydra.runtime.get("cwd") if hydra_yaml.is_file() else None
+        raise fail("no .hydra/config.yaml (the config run.py saves; the dense reference is found from it)")
     try:
-        OmegaConf.resolve(cfg)
-    except Exception:  # ${hydra:...} interpolations outside Hydra: root at the run's cwd
-        cfg.paths.root_dir = cwd or str(Path.cwd())
-        cfg.paths.output_dir = str(run_dir)
-        cfg.paths.log_dir = str(run_dir.parent)
-        OmegaConf.resolve(cfg)
-    path = references.cache_path(cfg, "dense", references.dense_key(cfg))
-    dense = references.load_cached(path) if path is not None else None
+        cfg = OmegaConf.load(config)
+        hydra_yaml = run_dir / ".hydra" / "hydra.yaml"
+        cwd = OmegaConf.load(hydra_yaml).hydra.runtime.get("cwd") if hydra_yaml.is_file() else None
+        try:
+            OmegaConf.resolve(cfg)
+        except Exception:  # ${hydra:...} interpolations outside Hydra: root at the run's cwd
+            cfg.paths.root_dir = cwd or str(Path.cwd())
+            cfg.paths.output_dir = str(run_dir)
+            cfg.paths.log_dir = str(run_dir.parent)
+            OmegaConf.resolve(cfg)
+        path = references.cache_path(cfg, "dense", references.dense_key(cfg))
+    except Exception as e:  # noqa: BLE001 - any unreadable config is one line
+        raise fail(f".hydra/config.yaml is unreadable ({_first_line(e)})") from None
+    if path is None:
+        raise fail("no cached dense reference (the run had dense.cache=false)")
+    dense = references.load_cached(path)
     if dense is None:
-        raise AnalysisError(f"--run {run_dir}: no cached dense reference ({path})")
-    task = hydra.utils.instantiate(cfg.task, seed=cfg.seed)
-    task.setup()
-    model = build("model", cfg.model, MODEL_RECIPE, num_classes=task.num_classes, in_chans=task.in_chans, image_size=task.image_size)
-    model.load_state_dict(dense.state)
+        raise fail(f"no cached dense reference ({path})")
+    try:
+        task = build("task", cfg.task, seed=cfg.seed)
+        task.setup()
+        model = build("model", cfg.model, MODEL_RECIPE, num_classes=task.num_classes, in_chans=task.in_chans, image_size=task.image_size)
+        model.load_state_dict(dense.state)
+    except Exception as e:  # noqa: BLE001 - a model or task that cannot be rebuilt here is one line
+        raise fail(f"cannot rebuild the run's model and task ({_first_line(e)})") from None
     model.eval()
-    return Setup(model, task, target_names(model), f"dense reference of {run_dir} ({cfg.model.name} on {cfg.task.name})")
+    modules = dict(model.named_modules())
+    named = [r.get("name") for r in results.get("layers") or [] if isinstance(r, dict)]
+    layers = [n for n in named if n in modules and getattr(modules[n], "weight", None) is not None]
+    missing = [n for n in named if n not in layers]
+    if missing:
+        raise fail(f"results.json names layers the model does not have ({', '.join(map(str, missing[:3]))})")
+    if not layers:
+        raise fail(f"results.json lists no compressed layer (status: {results.get('status', 'ok')})")
+    return Setup(
+        model, task, layers, f"dense reference of {run_dir} ({cfg.model.name} on {cfg.task.name}, {len(layers)} compressed layers)"
+    )
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def layer_weights(setup: Setup) -> dict[str, torch.Tensor]:
@@ -180,16 +219,25 @@ def alignment_rows(setup: Setup, steps: int = 40, seed: int = 0, lr: float = 5e-
         if len(batches) >= steps:
             break
     rows = []
+    # the setup's first layer / classifier are compressed too when it lists them (a run's own choice)
+    first = bool(set(getattr(setup.model, "first_layers", ())) & set(setup.layers))
+    classifier = bool(set(getattr(setup.model, "classifier_layers", ())) & set(setup.layers))
+    try:
+        applies = set(choose_targets(setup.model, Slope(compress_first=first, compress_classifier=classifier))[0])
+    except ConfigError:  # SLOPE's 2:4 applies to no layer of the model
+        applies = set()
+    if not applies & set(setup.layers):
+        return []
     for mode in ALIGNMENT_MODES:
         torch.manual_seed(seed)
         model = copy.deepcopy(setup.model)
-        compressor = Slope(alignment=mode)
+        compressor = Slope(alignment=mode, compress_first=first, compress_classifier=classifier)
         driven = drive(model, compressor, batches, setup.task.loss, steps=steps, lr=lr, finalize=False)
         latent = {n: model.get_submodule(n).parametrizations.weight.original.detach().clone() for n in driven.targets}
         compressor.finalize(model, None)
         model.eval()
         top1 = setup.task.evaluate(model, "val")["top1"]
-        for name in driven.targets:
+        for name in [n for n in setup.layers if n in latent]:  # the setup's layers SLOPE (2:4) applies to, in order
             w_hat = model.get_submodule(name).weight.detach()
             cos = row_cosine(as_matrix(latent[name]).double(), as_matrix(w_hat).double())
             rows.append({"alignment": mode, "layer": name, "cosine": float(cos.mean()), "val_top1": top1, "steps": steps})

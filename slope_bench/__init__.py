@@ -13,9 +13,7 @@ def _register_resolvers() -> None:
     (``lam`` → ``method.lam``), used by ``hparams_search=tune``."""
     from omegaconf import OmegaConf
 
-    OmegaConf.register_new_resolver(
-        "method_search", lambda space: {f"method.{k}": str(v) for k, v in (space or {}).items()}, replace=True
-    )
+    OmegaConf.register_new_resolver("method_search", lambda space: {f"method.{k}": str(v) for k, v in (space or {}).items()}, replace=True)
 
 
 _register_resolvers()

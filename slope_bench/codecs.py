@@ -8,7 +8,7 @@ codes / groups at once (numpy / torch; no Python loop over groups):
 * N:M patterns: :func:`group_symbols` / :func:`symbol_bits` (a group's keep pattern as the
   integer ``Σ_j keep_j·2^j``), :func:`nm_rank` / :func:`nm_unrank` (colex ranks
   ``Σ_i C(c_i, i)``), :func:`nm_keep`;
-* run length: :func:`rle_width`, :func:`rle_encode`, :func:`rle_decode`;
+* run length: :func:`rle_costs`, :func:`rle_width`, :func:`rle_encode`, :func:`rle_decode`;
 * float bit views: :func:`float_bits` / :func:`bits_float`;
 * range-coded symbol streams: :func:`encode_stream` / :func:`decode_stream` (constriction's
   ``RangeEncoder`` under the observed frequencies, one table per stream or per row).
@@ -126,6 +126,18 @@ def unpack_bits(data: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return torch.from_numpy(out.astype(np.int64))
 
 
+# ---------------------------------------------------------------------------- gathers
+def take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``values[index]`` for a 1-D ``values`` and an integer ``index`` (numpy's gather:
+    several times faster than torch's on CPU; IndexError when out of range)."""
+    return torch.from_numpy(np.take(values.detach().cpu().numpy(), index.detach().cpu().numpy()))
+
+
+def flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
+    """``mask.reshape(-1).nonzero().reshape(-1)`` (int64; numpy's, several times faster)."""
+    return torch.from_numpy(np.flatnonzero(mask.detach().cpu().numpy()).astype(np.int64, copy=False))
+
+
 # ---------------------------------------------------------------------------- N:M groups
 def binomial_table(m: int) -> torch.Tensor:
     """``C(p, k)`` for ``p, k`` in ``0..m`` as an ``(m+1, m+1)`` int64 table."""
@@ -183,7 +195,7 @@ def _rank_tables(m: int) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Te
 def pattern_counts(symbols: torch.Tensor, m: int) -> torch.Tensor:
     """Number of positions set in each pattern integer (``(groups,)`` int64)."""
     if m <= TABLE_M:
-        return _rank_tables(m)[0][symbols]
+        return take(_rank_tables(m)[0], symbols)
     return symbol_bits(symbols, m).sum(1)
 
 
@@ -211,9 +223,9 @@ def nm_rank(keep: torch.Tensor) -> torch.Tensor:
 def symbol_ranks(symbols: torch.Tensor, m: int) -> torch.Tensor:
     """:func:`nm_rank` of patterns given as integers (``m`` ≤ 16)."""
     counts, rank, _, _ = _rank_tables(m)
-    if symbols.numel() and bool((counts[symbols] != counts[symbols[0]]).any()):
+    if symbols.numel() and bool((take(counts, symbols) != counts[symbols[0]]).any()):
         raise ValueError("every group must keep the same number of positions")
-    return rank[symbols]
+    return take(rank, symbols)
 
 
 def nm_unrank(ranks: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -222,7 +234,7 @@ def nm_unrank(ranks: torch.Tensor, n: int, m: int) -> torch.Tensor:
     if ranks.numel() and (int(ranks.min()) < 0 or int(ranks.max()) >= math.comb(m, n)):
         raise ValueError(f"N:M ranks must lie in [0, C({m}, {n}) = {math.comb(m, n)})")
     if m <= TABLE_M:
-        return symbol_bits(_rank_tables(m)[2][n][ranks], m)
+        return symbol_bits(take(_rank_tables(m)[2][n], ranks), m)
     table = binomial_table(m)
     keep = torch.zeros(ranks.numel(), m, dtype=torch.bool)
     rest = ranks.clone()
@@ -249,7 +261,7 @@ def nm_keep(nonzero: torch.Tensor, n: int) -> torch.Tensor:
 
 def keep_symbols(symbols: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """:func:`nm_keep` on patterns given as integers (``m`` ≤ 16)."""
-    out = _rank_tables(m)[3][n][symbols]
+    out = take(_rank_tables(m)[3][n], symbols)
     if out.numel() and int(out.min()) < 0:
         raise ValueError(f"a group holds more than n={n} nonzeros")
     return out
@@ -271,30 +283,64 @@ def nm_fits(shape: list[int], m: int) -> bool:
 
 def nm_groups(values: torch.Tensor, grid: torch.Tensor | None, m: int) -> torch.Tensor:
     """``(groups, m)`` view of a flat tensor in N:M group order."""
-    return values.reshape(-1, m) if grid is None else values[grid]
+    if grid is None:
+        return values.reshape(-1, m)
+    return torch.from_numpy(values.detach().cpu().numpy()[grid.numpy()])  # numpy's gather: several times faster
 
 
 def nm_positions(keep: torch.Tensor, grid: torch.Tensor | None) -> torch.Tensor:
     """Flat positions of the True entries of a ``(groups, m)`` pattern, in stream order."""
-    return keep.reshape(-1).nonzero().reshape(-1) if grid is None else grid[keep]
+    index = np.flatnonzero(keep.detach().cpu().numpy())
+    if grid is None:
+        return torch.from_numpy(index)
+    return torch.from_numpy(np.take(grid.numpy().reshape(-1), index))
 
 
 # ---------------------------------------------------------------------------- run length
 def _gaps(nonzero: torch.Tensor) -> torch.Tensor:
-    index = nonzero.reshape(-1).bool().nonzero().reshape(-1)
+    index = flat_nonzero(nonzero.reshape(-1).bool())
     return index - torch.cat([index.new_tensor([-1]), index[:-1]]) - 1
+
+
+def rle_costs(nonzero: torch.Tensor, value_bits: int) -> list[int]:
+    """Total bits of the run-length encoding of the nonzeros of a mask for every field
+    width ``r`` in 1..16 (``[]`` when there is no nonzero): entries × (r + value bits),
+    one entry per nonzero plus ``⌊gap / 2^r⌋`` fillers per gap.
+
+    Vectorised, in exact integer arithmetic: only the gaps of one or more zeros add
+    fillers, so they are found from whichever is fewer, the nonzeros (differences of
+    their positions) or the zeros (lengths of the zero runs followed by a nonzero).
+    """
+    mask = nonzero.detach().reshape(-1).bool().cpu().numpy()
+    count = int(np.count_nonzero(mask))
+    if count == 0:
+        return []
+    if count <= mask.size - count:
+        index = np.flatnonzero(mask)
+        gaps = np.diff(index, prepend=-1) - 1
+    elif count == mask.size:
+        gaps = np.zeros(0, dtype=np.int64)
+    else:
+        zeros = np.flatnonzero(~mask)
+        breaks = np.flatnonzero(np.diff(zeros) != 1)
+        starts = zeros[np.concatenate(([0], breaks + 1))]
+        ends = zeros[np.concatenate((breaks, [zeros.size - 1]))]
+        gaps = (ends - starts + 1)[ends < mask.size - 1]  # a run that ends the tensor codes nothing
+    costs = []
+    for r in range(1, MAX_RLE_WIDTH + 1):
+        costs.append((count + int((gaps >> r).sum())) * (r + value_bits))
+    return costs
 
 
 def rle_width(nonzero: torch.Tensor, value_bits: int) -> tuple[int, int]:
     """(field width ``r`` in 1..16, total bits) of the cheapest run-length encoding.
 
-    Same cost as :func:`slope_bench.metrics.run_length_bits` (entries × (r + value bits),
-    ``⌊gap / 2^r⌋`` fillers per gap); ties go to the smallest ``r``.
+    Same cost as :func:`slope_bench.metrics.run_length_bits` (:func:`rle_costs`); ties go
+    to the smallest ``r``.
     """
-    gaps = _gaps(nonzero)
-    if gaps.numel() == 0:
+    costs = rle_costs(nonzero, value_bits)
+    if not costs:
         return 1, 0
-    costs = [(gaps.numel() + int((gaps >> r).sum())) * (r + value_bits) for r in range(1, MAX_RLE_WIDTH + 1)]
     best = min(range(len(costs)), key=costs.__getitem__)
     return best + 1, costs[best]
 
@@ -352,7 +398,7 @@ def unique_integers(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if bool(present.all()):  # every value in low..high occurs: the inverse is the shift
         return torch.arange(low, high + 1), shifted
     lookup = present.long().cumsum(0) - 1
-    return present.nonzero().reshape(-1) + low, lookup[shifted]
+    return present.nonzero().reshape(-1) + low, take(lookup, shifted)
 
 
 # ---------------------------------------------------------------------------- range-coded streams
@@ -454,4 +500,4 @@ def decode_stream(desc: dict, parts: Mapping[str, torch.Tensor], row_sizes: torc
     if not decoder.maybe_exhausted():
         raise CodecError("range-coded data left over after the last symbol (corrupted data)")
     index = torch.from_numpy(np.concatenate(out).astype(np.int64)) if out else torch.zeros(0, dtype=torch.int64)
-    return symbols[index]
+    return take(symbols, index)

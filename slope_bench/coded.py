@@ -58,6 +58,7 @@ from slope_bench.codecs import (
     decode_stream,
     encode_stream,
     entropy_bits,
+    flat_nonzero,
     float_bits,
     group_symbols,
     nm_fits,
@@ -67,17 +68,16 @@ from slope_bench.codecs import (
     pack_bits,
     pattern_counts,
     symbol_bits,
+    take,
 )
 from slope_bench.export import (
     CODED_NAME,
     SEPARATOR,
     PackedFormatError,
+    encode_state,
     one_thread,
     read_metadata,
     read_tensors,
-    safetensors_bytes,
-    same_bits,
-    targeted_keys,
 )
 from slope_bench.export import dense_bytes as state_dense_bytes
 from slope_bench.levels import (
@@ -163,7 +163,8 @@ def encode_tensor(name: str, weight: torch.Tensor, spec: LayerSpec) -> tuple[dic
         desc["structure"] = "dense"
         if 0 < nnz < numel and nm_fits(shape, MASK_M):  # the nonzero mask in groups of 8, if smaller
             symbols = group_symbols(nonzero.reshape(-1, MASK_M))
-            nonzero_codes = codes[nonzero]
+            nonzero_index = flat_nonzero(nonzero)
+            nonzero_codes = take(codes, nonzero_index)
             pattern_bits = entropy_bits(_counts(symbols)) + STREAM_OVERHEAD_BITS
             if bits == FLOAT_BITS:
                 dense, masked = FLOAT_BITS * numel, pattern_bits + FLOAT_BITS * nnz
@@ -171,7 +172,7 @@ def encode_tensor(name: str, weight: torch.Tensor, spec: LayerSpec) -> tuple[dic
                 dense, masked = entropy_bits(_counts(codes)), pattern_bits + entropy_bits(_counts(nonzero_codes))
             if masked < dense:
                 desc.update(structure="mask", m=MASK_M)
-                positions, codes = nonzero.nonzero().reshape(-1), nonzero_codes
+                positions, codes = nonzero_index, nonzero_codes
             else:
                 symbols = None
     parts: dict[str, torch.Tensor] = dict(value_parts)
@@ -199,7 +200,7 @@ def _fit(flat: torch.Tensor, positions: torch.Tensor, spec: LayerSpec, weight: t
     bits = FLOAT_BITS if spec.grid == "float" else CODE_BITS
     values, parts, codes, bits, _ = fit_values(flat, positions, spec, bits, level_group_len(weight, spec), MAX_CODED_LEVELS)
     if values.get("levels", "alphabet") != "alphabet":  # > 2^16 levels: not worth a model table
-        return {"values": "raw"}, {}, float_bits(flat[positions]), FLOAT_BITS
+        return {"values": "raw"}, {}, float_bits(take(flat, positions)), FLOAT_BITS
     return values, parts, codes, bits
 
 
@@ -289,17 +290,6 @@ def code_state(state_dict: Mapping[str, torch.Tensor], specs: Mapping[str, Layer
 
 
 def _code_state(state_dict: Mapping[str, torch.Tensor], specs: Mapping[str, LayerSpec]) -> bytes:
-    targeted = targeted_keys(state_dict, specs)
-    descriptions, tensors = {}, {}
-    for key, tensor in state_dict.items():
-        if key not in targeted or tensor.dtype != torch.float32:
-            tensors[key] = tensor.detach().cpu().contiguous().clone()
-            continue
-        desc, parts = encode_tensor(key, tensor, targeted[key])
-        if not same_bits(decode_tensor(key, desc, parts), tensor):
-            raise RuntimeError(f"{key}: coded encoding does not reproduce the tensor (a bug in slope_bench.coded)")
-        descriptions[key] = desc
-        tensors.update({f"{key}{SEPARATOR}{part}": value.contiguous() for part, value in parts.items()})
     metadata = {
         "format": FORMAT,
         "version": VERSION,
@@ -307,10 +297,9 @@ def _code_state(state_dict: Mapping[str, torch.Tensor], specs: Mapping[str, Laye
         "coder_version": coder_version(),
         "keys": json.dumps(list(state_dict)),
         "digests": json.dumps([digest(t) for t in state_dict.values()]),
-        "tensors": json.dumps(descriptions, separators=(",", ":")),
         "encoding": ENCODING_DOC,
     }
-    return safetensors_bytes(tensors, metadata)
+    return encode_state(state_dict, specs, encode_tensor, decode_tensor, metadata, "coded encoding", "slope_bench.coded")
 
 
 def write_coded(state_dict: Mapping[str, torch.Tensor], specs: Mapping[str, LayerSpec], path: str | Path) -> int:

@@ -42,7 +42,15 @@ stored as the parts ``K::codes``, ``K::index``, ``K::scales``, ``K::offsets``,
 * every element without a code is ``+0.0``; ``negative_zeros`` restores the sign of
   zeros: ``none``, ``all``, or ``bitmask`` (``negzero``: one bit per zero element);
 * ``fallback`` is null, or says why the tensor departs from the accounted encoding
-  (a level map or a float32 table when the declared form does not reproduce it).
+  (a level map or a float32 table when the declared form does not reproduce it);
+* the declared grid, from the method's :class:`~slope_bench.methods.base.LayerSpec`:
+  ``grid_kind`` (``symmetric``, ``signed``, ``asymmetric``; null when not a uniform
+  grid or not declared), ``grid_range`` (how its range was set: ``lsq``, ``minmax``,
+  ``mse``, ``percentile``; null when not declared), ``zero_points`` (the declared count
+  of 16-bit zero points, charged in ``accounted_bits``) and ``zero_points_stored``
+  (true when the file holds them: ``offsets`` per group, the levels being
+  ``a = code + offsets[g]``; false when the levels ``q − z`` fit one ``alphabet``, as
+  for every grid without zero points). Readers need none of these to decode.
 
 Example::
 
@@ -61,7 +69,7 @@ import hashlib
 import json
 import math
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -69,6 +77,7 @@ import torch
 
 from slope_bench.codecs import (
     CodecError,
+    flat_nonzero,
     nm_fits,
     nm_grid,
     nm_groups,
@@ -143,7 +152,7 @@ def _structure(flat, shape, spec, account):
     if account.pattern == "dense":
         return {"structure": "dense"}, torch.arange(numel), None
     if account.index_bits > 0:
-        return {"structure": "mask"}, nonzero.nonzero().reshape(-1), pack_bits(nonzero.long(), 1)
+        return {"structure": "mask"}, flat_nonzero(nonzero), pack_bits(nonzero.long(), 1)
     width, cost = rle_width(nonzero, account.w_bits)
     if cost != run_length_bits(nonzero, account.w_bits):
         raise RuntimeError("run-length cost disagrees with metrics.run_length_bits")
@@ -205,6 +214,10 @@ def encode_tensor(name: str, weight: torch.Tensor, spec: LayerSpec) -> tuple[dic
         "negative_zero_count": negatives,
         "fallback": note,
         "accounted_bits": account.total_bits,
+        "grid_kind": spec.grid_kind or None,
+        "grid_range": spec.grid_range or None,
+        "zero_points": spec.zero_points,
+        "zero_points_stored": values.get("levels") == "offsets",
     }
     parts["codes"] = pack_bits(codes, bits)
     if index is not None:
@@ -231,7 +244,7 @@ def decode_tensor(name: str, desc: dict, parts: Mapping[str, torch.Tensor]) -> t
         elif structure == "dense":
             positions = torch.arange(numel)
         elif structure == "mask":
-            positions = unpack_bits(parts["index"], 1, numel).bool().nonzero().reshape(-1)
+            positions = flat_nonzero(unpack_bits(parts["index"], 1, numel).bool())
         elif structure == "rle":
             positions = rle_decode(unpack_bits(parts["index"], int(desc["rle_width"]), count))
         else:
@@ -341,26 +354,45 @@ def pack_state(state_dict: Mapping[str, torch.Tensor], specs: Mapping[str, Layer
 
 
 def _pack_state(state_dict: Mapping[str, torch.Tensor], specs: Mapping[str, LayerSpec]) -> bytes:
+    metadata = {
+        "format": FORMAT,
+        "version": VERSION,
+        "keys": json.dumps(list(state_dict)),
+        "sha256": state_sha256(state_dict),
+        "encoding": ENCODING_DOC,
+    }
+    return encode_state(state_dict, specs, encode_tensor, decode_tensor, metadata, "packed encoding", "slope_bench.export")
+
+
+def encode_state(
+    state_dict: Mapping[str, torch.Tensor],
+    specs: Mapping[str, LayerSpec],
+    encode: Callable[[str, torch.Tensor, LayerSpec], tuple[dict, dict[str, torch.Tensor]]],
+    decode: Callable[[str, dict, Mapping[str, torch.Tensor]], torch.Tensor],
+    metadata: Mapping[str, str],
+    label: str,
+    module: str,
+) -> bytes:
+    """The safetensors bytes of an encoded state (the packed and the coded file's writer).
+
+    Every targeted float32 weight becomes the parts ``K::<part>`` of ``encode(key, tensor,
+    spec)``, decoded again with ``decode`` and compared bit for bit (a mismatch raises
+    ``RuntimeError`` naming ``label`` and ``module``); every other tensor is stored as it
+    is. ``metadata`` gets ``tensors`` (the JSON descriptions) and is written with sorted
+    keys (:func:`safetensors_bytes`).
+    """
     targeted = targeted_keys(state_dict, specs)
     descriptions, tensors = {}, {}
     for key, tensor in state_dict.items():
         if key not in targeted or tensor.dtype != torch.float32:
             tensors[key] = tensor.detach().cpu().contiguous().clone()
             continue
-        desc, parts = encode_tensor(key, tensor, targeted[key])
-        if not same_bits(decode_tensor(key, desc, parts), tensor):
-            raise RuntimeError(f"{key}: packed encoding does not reproduce the tensor (a bug in slope_bench.export)")
+        desc, parts = encode(key, tensor, targeted[key])
+        if not same_bits(decode(key, desc, parts), tensor):
+            raise RuntimeError(f"{key}: {label} does not reproduce the tensor (a bug in {module})")
         descriptions[key] = desc
         tensors.update({f"{key}{SEPARATOR}{part}": value.contiguous() for part, value in parts.items()})
-    metadata = {
-        "format": FORMAT,
-        "version": VERSION,
-        "keys": json.dumps(list(state_dict)),
-        "tensors": json.dumps(descriptions, separators=(",", ":")),
-        "sha256": state_sha256(state_dict),
-        "encoding": ENCODING_DOC,
-    }
-    return safetensors_bytes(tensors, metadata)
+    return safetensors_bytes(tensors, {**metadata, "tensors": json.dumps(descriptions, separators=(",", ":"))})
 
 
 def targeted_keys(state_dict: Mapping[str, torch.Tensor], specs: Mapping[str, LayerSpec]) -> dict[str, LayerSpec]:
@@ -452,7 +484,11 @@ def dense_bytes(state_dict: Mapping[str, torch.Tensor]) -> int:
     """Size of the state dict saved as plain safetensors (the fp32 reference file)."""
     from safetensors.torch import save
 
-    return len(save({k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}))
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    try:
+        return len(save(tensors))
+    except RuntimeError:  # tensors sharing memory (tied weights): saved as copies
+        return len(save({k: v.clone() for k, v in tensors.items()}))
 
 
 def export_packed(state_dict: Mapping[str, torch.Tensor], specs: Mapping[str, LayerSpec], out_dir: str | Path) -> dict[str, float]:

@@ -18,9 +18,20 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 
-from slope_bench.codecs import CodecError, bits_float, float_bits, pack_bits, sorted_unique, unique_integers, unpack_bits
+from slope_bench.codecs import (
+    CodecError,
+    bits_float,
+    flat_nonzero,
+    float_bits,
+    pack_bits,
+    sorted_unique,
+    take,
+    unique_integers,
+    unpack_bits,
+)
 from slope_bench.methods.base import LayerSpec
 from slope_bench.metrics import FLOAT_BITS, bits_for_levels, group_rows
 from slope_bench.quant import fp16_exact
@@ -67,8 +78,8 @@ def uniform_scales(
     scales = torch.where(fits & ~empty, first, torch.ones(groups))
     if bool(done.all()):
         return scales
-    index = (nonzero & ~done[:, None]).reshape(-1).nonzero().reshape(-1)
-    keys = sorted_unique((index // group_len) << 32 | float_bits(flat[index]))
+    index = flat_nonzero(nonzero & ~done[:, None])
+    keys = sorted_unique((index // group_len) << 32 | float_bits(take(flat, index)))
     pair_group, pair_value = keys >> 32, bits_float(keys & 0xFFFFFFFF)
     if max_levels is not None and int(torch.bincount(pair_group).max()) > max_levels:
         return None
@@ -150,7 +161,7 @@ def level_codes(
         high = -group_amin(groups, -levels, group_count, 0)
         if int((high - low).max()) < 1 << bits and int(low.abs().max()) < 1 << 15:
             options.append(
-                (16 * group_count, {"levels": "offsets", "alphabet": None}, {"offsets": low.to(torch.int16)}, levels - low[groups])
+                (16 * group_count, {"levels": "offsets", "alphabet": None}, {"offsets": low.to(torch.int16)}, levels - take(low, groups))
             )
     used = torch.zeros(group_count, alphabet.numel(), dtype=torch.bool)
     used[groups, index] = True
@@ -173,7 +184,7 @@ def _levels_note(desc: dict, bits: int, spec_scale_values: int, groups: int) -> 
 
 
 def _fit_uniform(flat, positions, bits, group_lens, scale_values, max_levels):
-    values = flat[positions]
+    values = take(flat, positions)
     reason = "no float16 scale per group makes the values integer multiples of it"
     for group_len in group_lens:
         scales = uniform_scales(flat, group_len, max_levels=max_levels)
@@ -202,26 +213,64 @@ def _fit_deadzone(flat, positions, bits, group_len, max_levels):
     if grid is None:
         return None, None, None, "no float16 (step, offset) reproduces the dead-zone values"
     step, offset, magnitudes, integer = grid
-    values = flat[positions]
-    found = torch.searchsorted(magnitudes, values.abs()).clamp_max(max(magnitudes.numel() - 1, 0))
-    levels = (
-        torch.where(values == 0, 0, integer[found] * torch.sign(values).to(torch.int64))
-        if magnitudes.numel()
-        else torch.zeros_like(positions)
-    )
+    values = take(flat, positions)
+    levels = _deadzone_levels(values, step, offset, magnitudes, integer)
     return _fit_levels(
         "deadzone", levels, positions, bits, group_len, flat.numel() // group_len, torch.tensor([step, offset], dtype=torch.float16)
     )
 
 
+def _deadzone_levels(values: torch.Tensor, step: float, offset: float, magnitudes: torch.Tensor, integer: torch.Tensor) -> torch.Tensor:
+    """Signed integer level of every value: ``±integer[j]`` where ``|v| = magnitudes[j]`` (0 for 0).
+
+    Fast path: the level ``round((|v| − δ) / s)`` is looked up in a level → magnitude
+    table and accepted when that gives ``|v|`` exactly for every nonzero value (the
+    magnitudes are distinct, so this is the same ``j``); otherwise a search.
+    """
+    if magnitudes.numel() == 0:
+        return torch.zeros(values.numel(), dtype=torch.int64)
+    v = values.detach().numpy()
+    mag = np.abs(v)
+    top = int(integer.max())
+    with np.errstate(invalid="ignore", over="ignore"):
+        guess = np.clip(np.rint((mag - np.float32(offset)) / np.float32(step)), 0, top)
+    guess = np.nan_to_num(guess).astype(np.int64)
+    table = np.full(top + 1, np.nan, dtype=np.float32)
+    table[integer.numpy()] = magnitudes.numpy()
+    nonzero = v != 0
+    if bool(((table[guess] == mag) | ~nonzero).all()):
+        return torch.from_numpy(np.where(nonzero, guess * np.sign(v).astype(np.int64), 0))
+    found = torch.searchsorted(magnitudes, values.abs()).clamp_max(magnitudes.numel() - 1)
+    return torch.where(values == 0, 0, integer[found] * torch.sign(values).to(torch.int64))
+
+
+def _half_keys(values: torch.Tensor) -> np.ndarray | None:
+    """float16 bit patterns of float32 values, or None unless every value is float16-exact."""
+    half = values.to(torch.float16)
+    return half.view(torch.int16).numpy().view(np.uint16) if torch.equal(half.to(torch.float32), values) else None
+
+
 def _fit_codebook(flat, positions, bits, group_len, max_levels):
-    book = sorted_unique(flat[flat != 0])
+    v = flat.numpy()
+    nonzero = torch.from_numpy(v[v != 0])
+    keys = _half_keys(nonzero)
+    if keys is None:
+        book = sorted_unique(nonzero)
+    else:  # the distinct values by counting their 2^16 float16 patterns (no sort of the tensor)
+        present = np.flatnonzero(np.bincount(keys, minlength=1 << 16)).astype(np.uint16)
+        book = torch.from_numpy(np.sort(present.view(np.float16).astype(np.float32)))
     if max_levels is not None and book.numel() > max_levels:
         return None, None, None, f"more than {max_levels} codebook values"
     if not bool((fp16_exact(book) == book).all()):
         return None, None, None, "codebook values are not float16-exact"
-    values = flat[positions]
-    levels = torch.where(values == 0, 0, torch.searchsorted(book, values) + 1)
+    values = take(flat, positions)
+    lookup = np.zeros(1 << 16, dtype=np.int64)  # float16 pattern -> 1 + index into the book
+    lookup[book.numpy().astype(np.float16).view(np.uint16)] = np.arange(1, book.numel() + 1)
+    value_keys = _half_keys(values)
+    if value_keys is not None:
+        levels = torch.from_numpy(np.where(values.numpy() == 0, 0, lookup[value_keys]))
+    else:
+        levels = torch.where(values == 0, 0, torch.searchsorted(book, values) + 1)
     return _fit_levels("codebook", levels, positions, bits, group_len, flat.numel() // group_len, book.to(torch.float16))
 
 
@@ -229,7 +278,7 @@ def _fit_table(flat, positions, group_len):
     """Per-group float32 table of the coded values (always exact)."""
     groups = positions // group_len
     count = flat.numel() // group_len
-    pairs = groups << 32 | float_bits(flat[positions])
+    pairs = groups << 32 | float_bits(take(flat, positions))
     keys = sorted_unique(pairs)
     inverse = torch.searchsorted(keys, pairs)
     key_group = keys >> 32
@@ -238,7 +287,7 @@ def _fit_table(flat, positions, group_len):
     levels = int(rank.max()) + 1 if rank.numel() else 1
     table = torch.zeros(count, levels)
     table[key_group, rank] = bits_float(keys & 0xFFFFFFFF)
-    return {"values": "table", "group_len": group_len, "table_levels": levels}, {"table": table}, rank[inverse]
+    return {"values": "table", "group_len": group_len, "table_levels": levels}, {"table": table}, take(rank, inverse)
 
 
 def fit_values(
@@ -262,7 +311,7 @@ def fit_values(
     """
     desc, parts, codes, note = None, {}, None, None
     if bits == FLOAT_BITS:
-        desc, codes = {"values": "raw"}, float_bits(flat[positions])
+        desc, codes = {"values": "raw"}, float_bits(take(flat, positions))
     elif spec.grid == "uniform":
         lens = [level_len] + [flat.numel() // k for k in (spec.scale_values, spec.scale_values // 2) if k > 0 and flat.numel() % k == 0]
         desc, parts, codes, note = _fit_uniform(flat, positions, bits, list(dict.fromkeys(lens)), spec.scale_values, max_levels)
@@ -276,7 +325,7 @@ def fit_values(
         desc, parts, codes = _fit_table(flat, positions, level_len)
         bits = max(bits, bits_for_levels(desc["table_levels"]))
         if positions.numel() * FLOAT_BITS <= positions.numel() * bits + parts["table"].numel() * FLOAT_BITS:
-            desc, parts, codes = {"values": "raw"}, {}, float_bits(flat[positions])
+            desc, parts, codes = {"values": "raw"}, {}, float_bits(take(flat, positions))
             bits = FLOAT_BITS
             note = f"{note}; stored as raw float32"
         else:
@@ -314,7 +363,7 @@ def per_position(values: torch.Tensor, positions: torch.Tensor, group_len: int) 
     count = values.numel() * group_len
     if positions.numel() == count and torch.equal(positions, torch.arange(count)):  # every position, in order
         return values.repeat_interleave(group_len)
-    return values[positions // group_len]
+    return take(values, positions // group_len)
 
 
 def decode_values(desc: dict, parts: Mapping[str, torch.Tensor], codes: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -350,7 +399,7 @@ def decode_values(desc: dict, parts: Mapping[str, torch.Tensor], codes: torch.Te
         else:
             if codes.numel() and int(codes.max()) >= alphabet.numel():
                 raise CodecError(f"code {int(codes.max())} outside an alphabet of {alphabet.numel()} levels")
-            levels = alphabet[codes]
+            levels = take(alphabet, codes)
     if kind == "uniform":
         return levels.to(torch.float32) * per_position(scales, positions, group_len)
     if kind == "deadzone":
@@ -359,7 +408,7 @@ def decode_values(desc: dict, parts: Mapping[str, torch.Tensor], codes: torch.Te
     if kind == "codebook":
         if levels.numel() and (int(levels.min()) < 0 or int(levels.max()) > scales.numel()):
             raise CodecError(f"codebook level outside 0..{scales.numel()}")
-        return torch.cat([scales.new_zeros(1), scales])[levels]
+        return take(torch.cat([scales.new_zeros(1), scales]), levels)
     raise CodecError(f"unknown value kind {kind!r}")
 
 
@@ -389,14 +438,14 @@ def negative_zero_mode(negative: torch.Tensor, flat: torch.Tensor, nnz: int) -> 
 
 def restore_zeros(out: torch.Tensor, desc: dict, negzero: torch.Tensor | None) -> torch.Tensor:
     """Check the nonzero count and give the zeros of a decoded flat tensor their signs."""
-    nonzeros = int(torch.count_nonzero(out))
+    nonzeros = int(np.count_nonzero(out.numpy()))  # numpy's count is several times faster
     if nonzeros != int(desc["nnz"]):
         raise CodecError(f"decoded {nonzeros} nonzeros, header says {desc['nnz']}")
     mode = desc["negative_zeros"]
     if mode not in ("none", "all", "bitmask"):
         raise CodecError(f"unknown negative_zeros {mode!r}")
     if mode != "none":
-        zeros = (out == 0).nonzero().reshape(-1)
+        zeros = flat_nonzero(out == 0)
         out[zeros if mode == "all" else zeros[unpack_bits(negzero, 1, zeros.numel()).bool()]] = -0.0
     return out
 

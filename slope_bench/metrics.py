@@ -28,10 +28,12 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from slope_bench.codecs import rle_costs
 from slope_bench.methods.base import LayerSpec
 from slope_bench.quant import group_rows, sqnr_db
 from slope_bench.sparsity import NM, satisfies_nm
@@ -75,13 +77,16 @@ class TensorAccount:
 
 
 def distinct_per_row(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distinct values per row, with and without zero (vectorised)."""
+    """Distinct values per row, with and without zero (vectorised: one numpy row sort,
+    several times faster than torch's on CPU; NaNs count one each, ``-0.0 == +0.0``)."""
     if rows.numel() == 0:
         zero = torch.zeros(rows.shape[0], dtype=torch.long)
         return zero, zero
-    s = rows.sort(dim=1).values
-    distinct = (s[:, 1:] != s[:, :-1]).sum(1) + 1
-    has_zero = (rows == 0).any(1)
+    values = rows.detach().cpu()
+    values = (values.float() if values.dtype == torch.bfloat16 else values).numpy()
+    s = np.sort(values, axis=1)
+    distinct = torch.from_numpy((s[:, 1:] != s[:, :-1]).sum(1).astype(np.int64) + 1)
+    has_zero = torch.from_numpy((values == 0).any(1))
     return distinct, distinct - has_zero.long()
 
 
@@ -97,21 +102,11 @@ def run_length_bits(mask: torch.Tensor, value_bits: int) -> int:
 
     Each entry holds an ``r``-bit gap (zeros since the previous entry) and a value
     code; a gap of ``2^r`` or more needs filler entries holding a zero. The field
-    width ``r`` is chosen in 1..16 to minimise the total.
+    width ``r`` is chosen in 1..16 to minimise the total
+    (:func:`slope_bench.codecs.rle_costs`, vectorised over the gaps).
     """
-    flat = mask.flatten().bool()
-    idx = flat.nonzero().flatten()
-    if idx.numel() == 0:
-        return 0
-    prev = torch.cat([idx.new_tensor([-1]), idx[:-1]])
-    gaps = (idx - prev - 1).double()
-    best = None
-    for r in range(1, 17):
-        fillers = torch.floor(gaps / 2**r).sum().item()
-        entries = idx.numel() + fillers
-        cost = int(entries * (r + value_bits))
-        best = cost if best is None else min(best, cost)
-    return best
+    costs = rle_costs(mask, value_bits)
+    return min(costs) if costs else 0
 
 
 def account_tensor(name: str, weight: torch.Tensor, spec: LayerSpec, reference: torch.Tensor | None = None) -> TensorAccount:

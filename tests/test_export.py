@@ -139,6 +139,40 @@ def test_asymmetric_levels_use_an_alphabet_or_offsets():
     assert desc["levels"] in ("alphabet", "offsets") and desc["fallback"] is None  # offsets are declared (2 values per row)
 
 
+def test_header_names_grid_kind_range_and_zero_points(tmp_path):
+    """Issue 17: every packed tensor's description names its declared grid kind, range
+    choice and zero points (declared count, and whether the file stores them)."""
+    generator = torch.Generator().manual_seed(11)
+    signed_weight = torch.randn(6, 32, generator=generator)
+    grid = UniformGrid(4, "signed")
+    signed = harden(signed_weight, rtn_step(signed_weight, grid), grid)
+    scale = fp16_exact(torch.rand(6, 1, generator=generator) * 0.1 + 0.01)
+    zero = torch.arange(6).float()[:, None] * 2 + 1  # a different zero point per row
+    q = torch.randint(0, 16, (6, 40), generator=generator).float()
+    q[:, 0], q[:, 1] = 0, 15  # every row uses its whole range: the levels q − z need more than 16 codes in all
+    asymmetric = positive_zeros((q - zero) * scale)
+    state = {"signed.weight": signed, "asym.weight": asymmetric, "asym.bias": torch.zeros(6)}
+    specs = {
+        "signed": LayerSpec(None, "uniform", 4, "channel", 6, grid_kind="signed", grid_range="mse"),
+        "asym": LayerSpec(None, "uniform", 4, "channel", 12, grid_kind="asymmetric", grid_range="minmax", zero_points=6),
+    }
+    path = tmp_path / PACKED_NAME
+    write_packed(state, specs, path)
+    data = path.read_bytes()
+    tensors = json.loads(json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]["tensors"])
+    assert {k: tensors["signed.weight"][k] for k in ("grid_kind", "grid_range", "zero_points", "zero_points_stored")} == {
+        "grid_kind": "signed",
+        "grid_range": "mse",
+        "zero_points": 0,
+        "zero_points_stored": False,
+    }
+    asym = tensors["asym.weight"]
+    assert (asym["grid_kind"], asym["grid_range"], asym["zero_points"], asym["zero_points_stored"]) == ("asymmetric", "minmax", 6, True)
+    assert asym["levels"] == "offsets" and asym["fallback"] is None
+    loaded = load_packed(path)
+    assert all(same_bits(loaded[k], state[k]) for k in state)
+
+
 def test_deadzone_form_round_trip():
     """CoDeQ's ``ŵ = s16·q + δ16·sign(q)`` with a dead zone of exact zeros."""
     weight = torch.randn(16, 9, 3, 3, generator=torch.Generator().manual_seed(5))

@@ -5,7 +5,9 @@
   :meth:`~slope_bench.methods.base.Compressor.state_dict`, the ``requires_grad`` flags
   and the RNG states, so a resumed fit continues exactly where the killed one stopped.
 * :func:`fit` — one training phase of a run (dense reference, dense fine-tune control,
-  compression) with the run's optimizer, schedule, trainer and per-epoch checkpoints.
+  compression) with the run's optimizer, schedule, trainer and per-epoch checkpoints;
+  with ``trainer.channels_last=true`` the model and the 4-D image batches are in
+  ``torch.channels_last`` (NHWC) during the fit, and back in the default layout after it.
 
 Multi-process plumbing lives in :mod:`slope_bench.distributed`.
 """
@@ -39,6 +41,17 @@ log = logging.getLogger("slope_bench")
 
 class DivergenceError(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+# trainer.* keys the run reads itself: never passed to pytorch_lightning.Trainer
+RUN_TRAINER_KEYS = ("channels_last",)
+
+
+def to_channels_last(batch: Any) -> Any:
+    """``batch`` with every 4-D tensor in ``torch.channels_last`` (others as they are)."""
+    from lightning_utilities.core.apply_func import apply_to_collection
+
+    return apply_to_collection(batch, torch.Tensor, lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
 
 
 # ---------------------------------------------------------------------------- RNG states
@@ -123,6 +136,8 @@ class LitCompress(pl.LightningModule):
         fingerprint: the run's deciding configuration (:func:`fingerprint`), written into
             every checkpoint so that a resume with another configuration is refused.
         tag: the phase's name in progress lines (``slope fine-tune``).
+        channels_last: every 4-D tensor of a training batch in ``torch.channels_last``
+            (on the device, before the forward; the model is converted by :func:`fit`).
     """
 
     def __init__(
@@ -135,8 +150,10 @@ class LitCompress(pl.LightningModule):
         val_every: int = 1,
         fingerprint: dict[str, Any] | None = None,
         tag: str = "train",
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
+        self.channels_last = channels_last
         self.model = model
         self.task = task
         self.compressor = compressor
@@ -152,6 +169,8 @@ class LitCompress(pl.LightningModule):
         return self.model(x)
 
     def training_step(self, batch, batch_idx):
+        if self.channels_last:
+            batch = to_channels_last(batch)
         task_loss = self.task.loss(self.model, batch)
         penalty = self.compressor.penalty()
         loss = task_loss + penalty
@@ -414,6 +433,7 @@ def fit(
     after every epoch, and ``resume=true`` continues from it (loaded with ``weights_only=True``).
     """
     import hydra
+    from omegaconf import OmegaConf
 
     if epochs == 0:
         return Fit(0.0, None, 0)
@@ -433,6 +453,7 @@ def fit(
             ckpt_path = usable_checkpoint(folder / "last.ckpt", fingerprint(cfg), tag)
             if ckpt_path:
                 log.info("%s: resuming from %s", tag, ckpt_path)
+    channels_last = bool(cfg.trainer.get("channels_last", False))
     lit = LitCompress(
         model,
         task,
@@ -442,9 +463,11 @@ def fit(
         val_every=cfg.get("val_every", 1),
         fingerprint=fingerprint(cfg),
         tag=tag,
+        channels_last=channels_last,
     )
+    trainer_spec = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k not in RUN_TRAINER_KEYS}
     trainer = hydra.utils.instantiate(
-        cfg.trainer,
+        trainer_spec,
         enable_progress_bar=bool(cfg.trainer.get("enable_progress_bar", True)) and sys.stderr.isatty(),  # a live bar in a terminal only
         max_epochs=epochs,
         logger=logger if logger is not None else False,
@@ -452,10 +475,15 @@ def fit(
         enable_checkpointing=checkpoint is not None,
         default_root_dir=cfg.paths.output_dir,
     )
-    log.info("%s: %d epochs", tag, epochs)
+    log.info("%s: %d epochs%s", tag, epochs, " (channels_last)" if channels_last else "")
     t0 = time.perf_counter()
+    if channels_last:  # in place: the same Parameter objects (the compressor's references stay valid)
+        model.to(memory_format=torch.channels_last)
     try:
         trainer.fit(lit, datamodule=task, ckpt_path=ckpt_path, weights_only=True)
     except DivergenceError as e:
         raise DivergenceError(f"{tag}: {e}") from None
+    finally:
+        if channels_last:  # finalize, measurement and export see the default layout
+            model.to(memory_format=torch.contiguous_format)
     return Fit(time.perf_counter() - t0, timer.step_ms, int(trainer.global_step), *loss_ends(lit.losses))

@@ -23,7 +23,7 @@ from slope_bench.methods.base import Compressor, RunInfo
 from slope_bench.models import choose_targets
 from slope_bench.references import dense_control, dense_reference
 from slope_bench.utils import CONF_DIR
-from slope_bench.validate import validate
+from slope_bench.validate import check_channels_last, validate
 
 log = logging.getLogger("slope_bench")
 MODEL_RECIPE = ("dense_lr", "finetune_lr")  # a model's own recipe (read by conf/config.yaml), not constructor arguments
@@ -66,6 +66,7 @@ def run(cfg: DictConfig) -> dict:
         build, "model", cfg.model, MODEL_RECIPE, num_classes=task.num_classes, in_chans=task.in_chans, image_size=task.image_size
     )
     model = new_model()
+    check_channels_last(model, (cfg.get("trainer") or {}).get("channels_last", False), cfg.model.name)
     needs = compressor.requirements
     info = RunInfo(num_train=task.num_train, seed=cfg.seed)
     if needs.calib_samples > info.num_train:

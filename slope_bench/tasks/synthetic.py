@@ -8,7 +8,10 @@ end to end at its true input shape in CI:
   class folders (WordNet-like names ``n00000000`` …) holding ``per_class`` JPEGs each,
   ``size`` × ``size`` px (256: large enough for 224 px crops). The pixels are smooth
   random colour fields; a pool of at most 97 distinct JPEGs is encoded once and written
-  to every file (1,000 classes × 2 splits take well under a second to write).
+  to every file (1,000 classes × 2 splits take well under a second to write). With
+  ``images`` set, each split holds only that many JPEGs, spread evenly over the classes
+  (the other class folders stay empty; the class list, and so a model's 1,000 outputs,
+  is unchanged): a 1,000-class run at 224 px that evaluates a handful of images.
 * :func:`synthetic_coco`: ``train2017/``, ``val2017/`` and
   ``annotations/instances_{train,val}2017.json`` with ``images`` landscape JPEGs per
   split whose short side is ``short_side`` px (800) and 1–3 filled random polygons each:
@@ -121,20 +124,35 @@ def class_names(classes: int) -> list[str]:
     return [f"n{c:08d}" for c in range(classes)]
 
 
-def write_image_folders(folder: Path, classes: int, per_class: int, size: int, seed: int = 0) -> None:
-    """``folder/{train,val}/<class>/<class>_<k>.JPEG``: ``per_class`` images per class and split."""
+def images_per_class(classes: int, per_class: int, images: int | None = None) -> list[int]:
+    """JPEGs in each class folder of a split: ``per_class`` each, or ``images`` in all,
+    one each in ``images`` evenly spaced classes (the first and the last among them)."""
+    if images is None:
+        return [per_class] * classes
+    counts = [0] * classes
+    for k in range(images):
+        counts[k * (classes - 1) // max(images - 1, 1)] += 1
+    return counts
+
+
+def write_image_folders(folder: Path, classes: int, per_class: int, size: int, seed: int = 0, images: int | None = None) -> None:
+    """``folder/{train,val}/<class>/<class>_<k>.JPEG``: ``per_class`` images per class and
+    split, or ``images`` per split spread over the classes (every class folder is made)."""
     rng = np.random.default_rng(seed)
-    pool = [jpeg_bytes(smooth_image(rng, size, size)) for _ in range(min(JPEG_POOL, 2 * classes * per_class))]
+    counts = images_per_class(classes, per_class, images)
+    pool = [jpeg_bytes(smooth_image(rng, size, size)) for _ in range(min(JPEG_POOL, 2 * sum(counts)))]
     written = 0
     for split in ("train", "val"):
-        for name in class_names(classes):
+        for name, count in zip(class_names(classes), counts):
             (folder / split / name).mkdir(parents=True)
-            for k in range(per_class):
+            for k in range(count):
                 (folder / split / name / f"{name}_{k}.JPEG").write_bytes(pool[written % len(pool)])
                 written += 1
 
 
-def synthetic_imagenet(root: Path, classes: int, per_class: int, size: int, where: str = "synthetic imagenet") -> Path:
+def synthetic_imagenet(
+    root: Path, classes: int, per_class: int, size: int, where: str = "synthetic imagenet", images: int | None = None
+) -> Path:
     """The synthetic ImageNet of these knobs under ``root`` (written on the first call).
 
     Args:
@@ -143,14 +161,18 @@ def synthetic_imagenet(root: Path, classes: int, per_class: int, size: int, wher
         per_class: JPEGs per class in each split.
         size: image side in pixels.
         where: how messages name ``root``.
+        images: ``None``, or JPEGs per split in all (``2 … classes``), one in each of
+            ``images`` evenly spaced classes; ``per_class`` is then unused.
 
     Returns:
         The data set's folder, holding ``train/`` and ``val/``.
     """
     params = {"kind": "imagenet", "version": FORMAT_VERSION, "classes": classes, "per_class": per_class, "size": size}
+    if images is not None:  # (absent otherwise: the folders written before this knob keep their names)
+        params = {**params, "per_class": None, "images": images}
 
     def generate(tmp: Path) -> None:
-        write_image_folders(tmp, classes, per_class, size)
+        write_image_folders(tmp, classes, per_class, size, images=images)
         (tmp / "meta.json").write_text(json.dumps(params, indent=2))
 
     return write_once(Path(root) / f"imagenet-{stable_hash(params)}", generate, where)

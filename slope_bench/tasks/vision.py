@@ -220,13 +220,14 @@ class FileSamples(Dataset):
         )
 
 
-def scan_image_folder(folder: Path, where: str | None = None) -> tuple[list[str], list[tuple[str, int]]]:
+def scan_image_folder(folder: Path, where: str | None = None, allow_empty: bool = False) -> tuple[list[str], list[tuple[str, int]]]:
     """Classes and samples of an ImageFolder-layout folder (``folder/<class>/<image>``).
 
     Args:
         folder: the folder to scan (torchvision's ImageFolder rules: one sub-folder per
             class, image files by extension, every class folder non-empty).
         where: the knob the folder comes from, prefixed to messages (``task.root='/x'``).
+        allow_empty: accept empty class folders (the synthetic set with ``synthetic_images``).
 
     Raises:
         DatasetError: the folder is missing or holds no class folder with images.
@@ -237,7 +238,7 @@ def scan_image_folder(folder: Path, where: str | None = None) -> tuple[list[str]
     if not folder.is_dir():
         raise DatasetError(f"{prefix}image folder not found: expected {folder} with one sub-folder of images per class")
     try:
-        dataset = ImageFolder(str(folder))
+        dataset = ImageFolder(str(folder), allow_empty=allow_empty)
     except (FileNotFoundError, RuntimeError) as e:
         raise DatasetError(
             f"{prefix}image folder {folder} is malformed: expected one sub-folder of images per class ({str(e).splitlines()[0]})"
@@ -263,6 +264,9 @@ class ImageNet(ClassificationTask):
     ``synthetic_size`` px per split is written under ``synthetic_root`` (once per knob
     setting) and read the same way. Its validation carve is clamped to a tenth of its
     training images (``val_size`` is meant for the real 1.28 M), which is logged.
+    ``synthetic_images`` keeps the 1,000 classes (and a model's 1,000 outputs) but writes
+    only that many JPEGs per split, one in each of as many evenly spaced classes (the other
+    class folders stay empty): a true-shape run whose evaluations read a handful of images.
 
     Args:
         root: folder with ``train/`` and ``val/`` in ImageFolder layout (same classes).
@@ -279,6 +283,8 @@ class ImageNet(ClassificationTask):
         synthetic_classes: its classes (1,000 like ImageNet).
         synthetic_images_per_class: its JPEGs per class in train/ and in val/.
         synthetic_size: its image side in px (at least ``image_size``).
+        synthetic_images: ``None`` (``synthetic_classes`` × ``synthetic_images_per_class``),
+            or its JPEGs per split in all, 2 … ``synthetic_classes``, spread over the classes.
         synthetic_root: where synthetic sets are written (``None``: the system temp folder).
     """
 
@@ -301,6 +307,7 @@ class ImageNet(ClassificationTask):
         synthetic_classes: int = 1000,
         synthetic_images_per_class: int = 1,
         synthetic_size: int = 256,
+        synthetic_images: int | None = None,
         synthetic_root: str | None = None,
         pin_memory: bool | None = None,
         persistent_workers: bool | None = None,
@@ -315,6 +322,9 @@ class ImageNet(ClassificationTask):
         self.synthetic_classes = check_int("synthetic_classes", synthetic_classes, 2)
         self.synthetic_images_per_class = check_int("synthetic_images_per_class", synthetic_images_per_class, 1)
         self.synthetic_size = check_int("synthetic_size", synthetic_size, self.image_size)
+        self.synthetic_images = (
+            None if synthetic_images is None else check_int("synthetic_images", synthetic_images, 2, self.synthetic_classes)
+        )
         self.synthetic_root = Path(str(synthetic_root)).expanduser() if synthetic_root is not None else default_synthetic_root()
         self.val_root = self._check_val_root(val_root)
         self.classes: list[str] = []
@@ -356,6 +366,7 @@ class ImageNet(ClassificationTask):
             self.synthetic_images_per_class,
             self.synthetic_size,
             where=f"task.synthetic_root={str(self.synthetic_root)!r}",
+            images=self.synthetic_images,
         )
 
     def transforms(self) -> tuple[Callable, Callable]:
@@ -390,8 +401,9 @@ class ImageNet(ClassificationTask):
                 "task.root", str(self.root), "a folder with train/ and val/ in ImageFolder layout (one sub-folder of images per class)"
             )
         root = self.data_root
-        classes, train_samples = scan_image_folder(root / "train", where)
-        test_classes, test_samples = scan_image_folder(root / "val", where)
+        sparse = self.synthetic and self.synthetic_images is not None  # empty class folders by design
+        classes, train_samples = scan_image_folder(root / "train", where, allow_empty=sparse)
+        test_classes, test_samples = scan_image_folder(root / "val", where, allow_empty=sparse)
         if len(classes) < 2:
             raise DatasetError(
                 f"{where}: {root / 'train'} has {len(classes)} class folder ({', '.join(classes)}): expected at least 2 (one sub-folder of images per class)"

@@ -11,6 +11,7 @@ from PIL import Image
 from torch import nn
 
 from slope_bench.errors import ConfigError
+from slope_bench.tasks.base import DatasetError
 from slope_bench.tasks.coco import Coco
 from slope_bench.tasks.synthetic import COCO_CATEGORY_IDS, synthetic_coco, synthetic_imagenet
 from slope_bench.tasks.vision import ImageNet
@@ -67,12 +68,30 @@ def test_synthetic_imagenet_small_and_keyed_by_knobs(synthetic_root):
     assert len({p.name for p in synthetic_root.iterdir() if p.name.startswith("imagenet-")}) == 2  # one folder per knob setting
 
 
+def test_synthetic_imagenet_few_images_keep_the_classes(synthetic_root):
+    """synthetic_images=5: 1,000 class folders (995 empty), 5 JPEGs per split in evenly spaced classes."""
+    task = ImageNet(root="/nonexistent", synthetic=True, synthetic_root=str(synthetic_root), synthetic_images=5, num_workers=0)
+    assert task.num_classes == 1000 and task.image_size == 224
+    assert [label for _, label in task.test_set.samples] == [0, 249, 499, 749, 999]
+    assert len(task.val_set) == 1 and task.num_train == 4  # the carve: a tenth of 5, at least 1
+    assert task.test_set[4][0].shape == (3, 224, 224) and task.train_set[0][0].shape == (3, 224, 224)
+    assert task.calib_batches(4)[0].shape == (4, 3, 224, 224)
+    from slope_bench.tasks.vision import scan_image_folder
+
+    folder = task.data_root
+    assert len([p for p in (folder / "train").iterdir() if p.is_dir()]) == 1000
+    with pytest.raises(DatasetError, match="malformed"):  # real data: an empty class folder is still refused
+        scan_image_folder(folder / "train", "task.root")
+
+
 @pytest.mark.parametrize(
     ("knobs", "key"),
     [
         ({"synthetic_classes": 1}, "synthetic_classes"),
         ({"synthetic_classes": 2.5}, "synthetic_classes"),
         ({"synthetic_images_per_class": 0}, "synthetic_images_per_class"),
+        ({"synthetic_images": 1}, "synthetic_images"),
+        ({"synthetic_images": 1001}, "synthetic_images"),  # more than the classes: synthetic_images_per_class is the knob
         ({"synthetic_size": 200}, "synthetic_size"),  # smaller than the 224 px crop
         ({"synthetic": "yes"}, "synthetic"),
         ({"val_root": "/data/val_holdout"}, "val_root"),  # the synthetic set has no validation folder
@@ -149,8 +168,6 @@ def test_synthetic_coco_bad_knobs(knobs, key, tmp_path):
 
 
 def test_unwritable_synthetic_root_is_one_line(tmp_path):
-    from slope_bench.tasks.base import DatasetError
-
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     task = ImageNet(root="/nonexistent", synthetic=True, synthetic_root=str(blocker / "sub"), synthetic_classes=2, num_workers=0)

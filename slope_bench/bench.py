@@ -180,7 +180,7 @@ class Runner:
 
 def protocol(args: argparse.Namespace, runner: Runner) -> dict:
     """Tune → seeds → controls; returns the record of what was chosen."""
-    from slope_bench.tune import tune
+    from slope_bench.tune import tunable, tune
 
     runs_dir, tune_dir = args.out / "runs", args.out / "tune"
     chosen: dict[str, dict] = {}
@@ -207,7 +207,7 @@ def protocol(args: argparse.Namespace, runner: Runner) -> dict:
                 "overrides": tuned.overrides,
                 "searched": tuned.searched,
                 "trials": len(tuned.trials),
-                "not_tunable": sum(1 for t in tuned.trials if t.get("status") != "ok"),
+                "not_tunable": sum(1 for t in tuned.trials if not tunable(t)),  # failed, diverged, or no val/* recorded
                 "val": None if tuned.chosen is None else tuned.chosen.get(f"val/{tuned.chosen.get('main_metric')}"),
                 "target_ratio": target,
             }

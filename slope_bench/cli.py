@@ -69,18 +69,37 @@ def precheck(argv: list[str]) -> None:
         check_writable("hydra.run.dir", run_dir_of(argv))
     except ConfigError as e:
         fail(str(e))
-    if "-m" in argv or "--multirun" in argv:
-        return  # sweep values are checked per job
+    multirun = "-m" in argv or "--multirun" in argv
     plain = [a for a in overrides if not a.split("=", 1)[0].lstrip("+~").startswith("hydra")]
+    if multirun:  # sweep values are checked per job; what every job shares is checked here
+        plain = [a for a in plain if not is_sweep(a)]
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     try:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            compose("config", overrides=plain)
+            cfg = compose("config", overrides=plain)
     except (HydraException, OmegaConfBaseException) as e:
+        if multirun:
+            return
         fail(describe(e, plain))
+    from slope_bench.validate import check_objectives
+
+    try:
+        check_objectives(cfg.get("objectives"))  # a sweeper's objective is the same for every job
+    except ConfigError as e:
+        fail(str(e))
+
+
+def is_sweep(override: str) -> bool:
+    """``method=slope,naive``, ``seed=range(3)``, ``method.lam=interval(0.1, 10)``: a sweep."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return OverridesParser.create().parse_overrides([override])[0].is_sweep_override()
+    except Exception:
+        return True
 
 
 def describe(error: Exception, overrides: list[str]) -> str:

@@ -8,6 +8,9 @@ nothing):
 * the seed (an integer in 0 … 2³²−1) and the run's own knobs (``dense``, ``finetune``,
   ``control``, ``divergence``, ``val_every``, ``resume``);
 * unknown top-level keys and unknown keys of the plain blocks (``+foo=1``);
+* the run's own trainer knob ``trainer.channels_last`` (a boolean; whether the model can
+  take it is checked by :func:`check_channels_last` as soon as the model is built, still
+  before any work);
 * every instantiated group (``task``, ``model``, ``method``, ``trainer``): keys the
   target does not take (``method=codeq method.n=2`` lists CoDeQ's knobs), and values of
   the wrong type for the target's annotations (``task.batch_size=abc``);
@@ -35,7 +38,7 @@ from slope_bench.utils import CONF_DIR
 SEED_MAX = 2**32 - 1
 # keys the run passes to a group's target itself, or reads without passing them on
 PASSED_BY_RUN = {"task": ("seed",), "model": ("num_classes", "in_chans", "image_size")}
-NOT_PASSED = {"model": ("dense_lr", "finetune_lr"), "method": ("search",)}
+NOT_PASSED = {"model": ("dense_lr", "finetune_lr"), "method": ("search",), "trainer": ("channels_last",)}
 GROUPS_TO_CHECK = ("task", "model", "method", "trainer")
 PLAIN_BLOCKS = ("dense", "finetune", "control", "divergence")
 SIMPLE = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
@@ -90,14 +93,46 @@ def check_run_knobs(cfg: DictConfig) -> None:
     check_bool("control.dense_ft", cfg.control.dense_ft)
     check_int("val_every", cfg.get("val_every", 1), 0)
     check_bool("resume", cfg.get("resume", False))
-    for key in cfg.get("objectives") or []:
-        if not isinstance(key, str) or key.startswith("test/") or "/" not in key:
-            raise ConfigError(
-                "objectives", OmegaConf.to_container(cfg.objectives), "result keys other than test/* (e.g. val/main, compress/ratio)"
-            )
+    if isinstance(cfg.get("trainer"), DictConfig):
+        check_bool("trainer.channels_last", cfg.trainer.get("channels_last", False))
+    check_objectives(cfg.get("objectives"))
     if cfg.get("divergence") is not None:
         check_range("divergence.loss_factor", cfg.divergence.loss_factor, 1.0, low_open=True)
         check_bool("divergence.at_chance", cfg.divergence.at_chance)
+
+
+def check_channels_last(model: Any, enabled: bool, name: str = "the model") -> None:
+    """``trainer.channels_last=true`` only for a convolutional network.
+
+    ``torch.channels_last`` lays out 4-D tensors (NCHW as NHWC): it pays off when image
+    batches run through a chain of ``Conv2d`` layers. A model with no ``Conv2d``, or whose
+    only convolutions are its declared first layers (a ViT's patch embedding, after which
+    everything is tokens), has no such chain, and the knob is refused.
+
+    Raises:
+        ConfigError: naming ``trainer.channels_last``.
+    """
+    if not enabled:
+        return
+    from torch import nn
+
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    first = set(getattr(model, "first_layers", []) or [])
+    if not convs:
+        why = "it has no Conv2d layer"
+    elif all(n in first for n in convs):
+        why = f"its only Conv2d is its first layer ({', '.join(convs)}), after which it runs on tokens"
+    else:
+        return
+    raise ConfigError("trainer.channels_last", True, f"false for {name}: {why} (channels_last is for convolutional networks)")
+
+
+def check_objectives(objectives: Any) -> None:
+    """What a sweeper optimises: result keys, never ``test/*`` (tuning reads validation data only)."""
+    for key in objectives or []:
+        if not isinstance(key, str) or key.startswith("test/") or "/" not in key:
+            value = OmegaConf.to_container(objectives) if isinstance(objectives, ListConfig) else objectives
+            raise ConfigError("objectives", value, "result keys other than test/* (e.g. val/main, compress/ratio)")
 
 
 def target_signature(node: DictConfig) -> inspect.Signature | None:

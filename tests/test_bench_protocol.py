@@ -1,0 +1,309 @@
+"""Issue 18, the benchmark protocol: tuning chooses on validation data only (test metrics
+never change the choice, a run without val/* is not tunable), then the shrunk protocol end
+to end through ``slope_bench.bench.main`` and through ``run.py hparams_search=tune``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from slope_bench import bench
+from slope_bench.compare import VERDICTS
+from slope_bench.obs import torch_threads
+from slope_bench.tune import search_space, select, tunable, tune
+from tests.conftest import ROOT
+
+# ------------------------------------------------------------------ synthetic trial results
+
+
+def result(ident: int, val: float | None, test: float, ratio: float = 10.0, status: str = "ok") -> dict:
+    """A results.json as a run writes it (only the keys tuning could look at)."""
+    out = {"id": ident, "status": status, "main_metric": "top1", "test/top1": test, "test/top1_dense": 0.9, "compress/ratio": ratio}
+    if val is not None:
+        out.update({"val/top1": val, "val/top1_dense": 0.9})
+    return out
+
+
+def keys_on_test(r: dict) -> list[str]:
+    return [k for k in r if k.startswith("test/")]
+
+
+def corrupt(trials: list[dict], how: str, seed: int = 0) -> list[dict]:
+    """The same trials with every ``test/*`` value corrupted (``val/*`` untouched)."""
+    rng = np.random.default_rng(seed)
+    out = [dict(t) for t in trials]
+    for key in {k for t in trials for k in keys_on_test(t)}:
+        values = [t.get(key) for t in trials]
+        if how == "reversed":
+            new = values[::-1]
+        elif how == "random":
+            new = rng.random(len(values)).tolist()
+        elif how == "best_is_worst":  # the val-worst trial gets the best test score by far
+            order = np.argsort([t.get("val/top1", -1.0) for t in trials])
+            new = [0.0] * len(values)
+            new[int(order[0])] = 1.0
+        elif how == "nan":
+            new = [math.nan] * len(values)
+        elif how == "missing":
+            for t in out:
+                t.pop(key, None)
+            continue
+        else:
+            raise ValueError(how)
+        for t, v in zip(out, new, strict=True):
+            t[key] = v
+    return out
+
+
+CORRUPTIONS = ["reversed", "random", "best_is_worst", "nan", "missing"]
+
+# val and test disagree on purpose: the val-best (id 2) is the test-worst
+TRIALS = [
+    result(0, 0.60, 0.95, ratio=9.5),
+    result(1, 0.70, 0.90, ratio=10.4),
+    result(2, 0.80, 0.10, ratio=10.2),
+    result(3, 0.75, 0.50, ratio=14.0),
+    result(4, None, 0.99, ratio=10.0),  # finished without val/*: not tunable
+    result(5, 0.99, 0.99, ratio=10.0, status="failed"),
+    result(6, 0.98, 0.98, ratio=10.0, status="diverged"),
+]
+
+
+@pytest.mark.parametrize("target_ratio", [None, 10.0, 20.0])
+@pytest.mark.parametrize("how", CORRUPTIONS)
+def test_select_is_unchanged_when_every_test_metric_is_corrupted(how, target_ratio):
+    chosen = select(TRIALS, target_ratio=target_ratio)
+    expected = {None: 2, 10.0: 2, 20.0: 3}[target_ratio]  # 20x: none within 10 %, the nearest ratio (14x)
+    assert chosen["id"] == expected
+    for seed in range(3):
+        again = select(corrupt(TRIALS, how, seed), target_ratio=target_ratio)
+        assert again is not None and again["id"] == expected, (how, seed)
+
+
+def test_a_trial_without_validation_metrics_is_not_tunable_and_never_chosen():
+    assert [tunable(t) for t in TRIALS] == [True, True, True, True, False, False, False]
+    assert not tunable(result(7, math.nan, 0.5)) and not tunable(result(8, math.inf, 0.5))
+    # only untunable trials, whatever their test scores: nothing is chosen
+    untunable = [t for t in TRIALS if not tunable(t)]
+    assert select(untunable) is None and select(untunable, target_ratio=10.0) is None
+    # the best test score of all belongs to a trial without val/*: still never chosen
+    best_on_test = max(TRIALS, key=lambda t: t["test/top1"] if t["status"] == "ok" else -1)
+    assert best_on_test["id"] == 4 and select(TRIALS)["id"] != 4
+
+
+def val_of(overrides: list[str]) -> float:
+    """A deterministic validation score of a configuration (peaks at lam = 1, decay = 1e-4)."""
+    knobs = {o.split("=", 1)[0]: float(o.split("=", 1)[1]) for o in overrides}
+    return 1.0 - 0.1 * sum(abs(math.log10(v) - {"method.lam": 0.0, "method.sr_ste_decay": -4.0}[k]) for k, v in knobs.items())
+
+
+def fake_trials(test_of, no_val: set[int] = frozenset()):
+    """``run_trial`` for :func:`tune`, recording what it was asked to run."""
+    asked: list[list[str]] = []
+
+    def run_trial(number: int, overrides: list[str]) -> dict:
+        asked.append(list(overrides))
+        val = val_of(overrides)
+        return result(number, None if number in no_val else val, test_of(number, val))
+
+    return run_trial, asked
+
+
+@pytest.mark.parametrize("method", ["slope", "naive"])
+def test_tune_choice_and_proposals_do_not_depend_on_test_metrics(method):
+    assert search_space(method)  # both declare a search space: tune really searches
+    rng = np.random.default_rng(1)
+    noise = rng.random(64)
+    tests = {
+        "equal": lambda n, v: v,
+        "reversed": lambda n, v: 1.0 - v,
+        "random": lambda n, v: float(noise[n]),
+        "nan": lambda n, v: math.nan,
+    }
+    outcomes = {}
+    for name, test_of in tests.items():
+        run_trial, asked = fake_trials(test_of)
+        tuned = tune(method, run_trial, trials=6, seed=0)
+        outcomes[name] = (tuned.overrides, tuned.chosen["id"], asked)
+        best = max(range(6), key=lambda i: (val_of(asked[i]), -i))
+        assert tuned.chosen["id"] == best and tuned.overrides == asked[best]
+    first = outcomes["equal"]
+    assert all(o == first for o in outcomes.values()), "test metrics changed what was proposed or chosen"
+
+
+def test_tune_never_chooses_a_trial_without_validation_metrics():
+    # trial 1 has the best val-to-be and the best test score, but recorded no val/*
+    run_trial, asked = fake_trials(lambda n, v: 1.0 if n == 1 else 0.0, no_val={1})
+    tuned = tune("naive", run_trial, trials=4, seed=0)
+    assert len(tuned.trials) == 4 and not tunable(tuned.trials[1])
+    assert tuned.chosen is not None and tuned.chosen["id"] != 1
+    run_trial, _ = fake_trials(lambda n, v: 1.0, no_val={0, 1, 2})
+    assert tune("naive", run_trial, trials=3, seed=0).chosen is None
+
+
+# --------------------------------------------- bench.protocol with a fake runner (no training)
+
+
+class FakeRunner:
+    """Stands in for :class:`slope_bench.bench.Runner`: results from the overrides only."""
+
+    def __init__(self, test_of, no_val_trials: set[str] = frozenset()) -> None:
+        self.test_of, self.no_val_trials, self.calls = test_of, no_val_trials, []
+
+    def __call__(self, out_dir: Path, method: str, seed: int, overrides: list[str]) -> dict:
+        self.calls.append((out_dir, method, seed, list(overrides)))
+        searched = [o for o in overrides if o.split("=", 1)[0] in ("method.lam", "method.sr_ste_decay")]
+        val = val_of(searched) + 0.001 * seed
+        key = f"{out_dir.parent.name}/{out_dir.name}"
+        r = result(len(self.calls), None if key in self.no_val_trials else val, self.test_of(len(self.calls), val))
+        return {**r, "method": method, "seed": seed}
+
+
+def protocol_args(out: Path, methods=("slope", "naive"), trials: int = 4, seeds: int = 3) -> argparse.Namespace:
+    return argparse.Namespace(out=out, settings=["2:4 w4"], methods=list(methods), trials=trials, seeds=seeds, tune_seed=0, tolerance=0.1)
+
+
+def test_protocol_chooses_on_validation_and_lists_untunable_trials(tmp_path):
+    no_val = {"slope_2of4_w4/trial_01"}
+    honest = FakeRunner(lambda n, v: v, no_val)
+    chosen = bench.protocol(protocol_args(tmp_path), honest)
+    for how, test_of in {"reversed": lambda n, v: 1.0 - v, "random": lambda n, v: (n * 0.618) % 1.0}.items():
+        corrupted = FakeRunner(test_of, no_val)
+        assert bench.protocol(protocol_args(tmp_path), corrupted) == chosen, how
+        assert [c[3] for c in corrupted.calls] == [c[3] for c in honest.calls], how  # the same runs were asked for
+    slope, naive = chosen["slope_2of4_w4"], chosen["naive_2of4_w4"]
+    assert (slope["trials"], slope["not_tunable"], naive["not_tunable"]) == (4, 1, 0)
+    # the choice is the val-best trial, and the seed runs ran exactly it
+    trials = [c for c in honest.calls if c[0].parent.name == "slope_2of4_w4"]
+    tunable_trials = [c for c in trials if c[0].name != "trial_01"]
+    best = max(tunable_trials, key=lambda c: val_of(c[3][3:]))
+    assert slope["overrides"] == best[3][3:] and slope["val"] == pytest.approx(val_of(best[3][3:]))
+    seeds = [c for c in honest.calls if c[0].parent.name == "runs" and c[1] == "slope"]
+    assert [c[2] for c in seeds] == [0, 1, 2]
+    assert all(c[3] == ["method.n=2", "method.m=4", "method.w_bits=4", *slope["overrides"]] for c in seeds)
+    assert all(c[2] == 0 for c in trials)  # trials run at the tuning seed
+
+
+# ------------------------------------------------------------- shrunk end to end, for real
+
+# Every run tiny: ResNet-18 width 4, the untrained model as its own dense reference, one
+# 64-image step of fine-tuning, 180 val / 360 test images, no dense fine-tune control.
+TINY = [
+    "model.width=4",
+    "dense.epochs=0",
+    "finetune.epochs=1",
+    "trainer.fast_dev_run=true",
+    "task.batch_size=64",
+    "task.augment=false",
+    "control.dense_ft=false",
+    "divergence.at_chance=false",  # an untrained reference sits at chance: no "diverged" verdicts
+    "val_every=0",
+]
+BENCH_TINY = [*TINY, "task.copies=1"]  # digits_hard (experiment=bench_digits)
+
+
+def test_bench_main_runs_the_protocol_end_to_end(tmp_path, capsys):
+    out = tmp_path / "bench"
+    argv = ["--trials", "2", "--seeds", "3", "--methods", "slope", "naive", "--settings", "2:4 w4"]
+    with torch_threads(1):  # tiny convolutions: a second thread only spins (and starves when the CPUs are busy)
+        assert bench.main([*argv, "--out", str(out), "--cache", str(tmp_path / "cache"), *BENCH_TINY]) == 0
+    record = json.loads((out / "bench.json").read_text())
+    assert record["runs_executed_now"] == 10 and record["extra_overrides"] == BENCH_TINY
+    for method in ("slope", "naive"):
+        tag = f"{method}_2of4_w4"
+        trials = sorted(p.name for p in (out / "tune" / tag).iterdir())
+        assert trials == ["trial_00", "trial_01"]
+        trial_results = [json.loads((out / "tune" / tag / t / "results.json").read_text()) for t in trials]
+        assert all(r["status"] == "ok" and r["seed"] == 0 and "val/top1" in r for r in trial_results)
+        chosen = record["chosen"][tag]
+        assert chosen["searched"] and chosen["trials"] == 2 and chosen["not_tunable"] == 0
+        assert chosen["val"] == max(r["val/top1"] for r in trial_results)
+        knobs = {o.split("=", 1)[0].removeprefix("method."): float(o.split("=", 1)[1]) for o in chosen["overrides"]}
+        assert set(knobs) == set(search_space(method))
+        seeds = [json.loads((out / "runs" / f"{tag}_s{s}" / "results.json").read_text()) for s in range(3)]
+        for seed, r in enumerate(seeds):
+            assert r["status"] == "ok" and r["seed"] == seed and r["method"] == method and r["setting"] == "2:4 w4"
+            assert "val/top1" in r and "test/top1" in r and r["model_width"] == 4
+            assert all(r["method_config"][k] == pytest.approx(v) for k, v in knobs.items())  # the chosen configuration
+    table = pd.read_csv(out / "comparisons.csv")
+    pair = [{a, b} == {"slope", "naive"} for a, b in zip(table["method_a"], table["method_b"], strict=True)]
+    row = table[pd.Series(pair, index=table.index) & (table["metric"] == "test/top1")]
+    assert len(row) == 1, table
+    assert int(row["n_pairs"].iloc[0]) == 3 and row["verdict"].iloc[0] in VERDICTS and row["setting"].iloc[0] == "2:4 w4"
+    verdicts = (out / "VERDICTS.md").read_text()
+    assert "## 2:4 w4" in verdicts and "| 3 |" in verdicts and row["verdict"].iloc[0] in verdicts
+    assert all(f"- {m}: method." in verdicts for m in ("slope", "naive"))  # the tuned configurations are listed
+    for name in ("leaderboard.csv", "leaderboard.md", "leaderboard.html"):
+        assert (out / name).stat().st_size > 0, name
+    assert len(pd.read_csv(out / "leaderboard.csv")) >= 2
+    # resumable: a second call finds every run finished and runs none
+    capsys.readouterr()
+    with torch_threads(1):
+        assert bench.main([*argv, "--out", str(out), "--cache", str(tmp_path / "cache"), *BENCH_TINY]) == 0
+    assert json.loads((out / "bench.json").read_text())["runs_executed_now"] == 0
+
+
+# ------------------------------------------------------------ the CLI route: hparams_search=tune
+
+
+def test_hparams_search_tune_runs_trials_scored_on_validation(tmp_path):
+    sweep = tmp_path / "sweep"
+    cmd = [
+        sys.executable,
+        "run.py",
+        "-m",
+        "hparams_search=tune",
+        "method=naive",
+        "hydra.sweeper.n_trials=2",
+        f"hydra.sweep.dir={sweep}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"paths.data_dir={tmp_path / 'data'}",
+        "logger=none",
+        "trainer.enable_progress_bar=false",
+        *TINY,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny convolutions: one thread (see the test above)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted(sweep.glob("*/results.json"))
+    assert len(runs) == 2, sorted(p.relative_to(sweep) for p in sweep.rglob("*"))
+    records = [json.loads(p.read_text()) for p in runs]
+    assert all(r["status"] == "ok" and r["method"] == "naive" and "val/top1" in r for r in records)
+    decays = [r["method_config"]["sr_ste_decay"] for r in records]
+    assert len(set(decays)) == 2 and all(1e-5 <= d <= 1e-3 for d in decays)  # the search space of conf/method/naive.yaml
+    optimization = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert optimization["name"] == "optuna"
+    best = max(records, key=lambda r: r["val/top1"])
+    assert optimization["best_value"] == pytest.approx(best["val/top1"])  # the objective is val/top1, not test/*
+    assert optimization["best_params"]["method.sr_ste_decay"] == pytest.approx(best["method_config"]["sr_ste_decay"])
+
+
+def test_hparams_search_tune_refuses_a_test_objective_with_one_line(tmp_path):
+    sweep = tmp_path / "sweep"
+    cmd = [
+        sys.executable,
+        "run.py",
+        "hparams_search=tune",
+        "method=naive",
+        "objectives=[test/top1]",
+        "hydra.sweeper.n_trials=2",
+        f"hydra.sweep.dir={sweep}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        "logger=none",
+        "dense.epochs=0",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert lines[0].startswith("error: objectives=") and "test/*" in lines[0]
+    assert not list(tmp_path.rglob("results.json"))

@@ -223,7 +223,8 @@ def verdicts_markdown(table, chosen: dict, record: dict) -> str:
         "# Who wins on the embedded benchmark (digits_hard, ResNet-18 width 16)",
         "",
         f"Measured {record['date']} on {record['machine']['cpu']} ({record['machine']['cores']} cores), "
-        f"`make bench` in {record['wall_minutes']:.1f} min. Protocol: {record['trials']} tuning trials per method and setting "
+        f"this invocation of `make bench`: {record['runs_executed_now']} runs in {record['wall_minutes']:.1f} min "
+        "(runs already finished in an earlier invocation are read back, not rerun). Protocol: {record['trials']} tuning trials per method and setting "
         f"(seeded TPE, chosen on validation top-1 only), then {record['seeds']} seeds of the chosen configuration on test. "
         "Differences are paired by seed (same split, same dense reference): mean difference of test top-1 with a 95% paired "
         f"bootstrap interval and a sign-flip permutation test, every method against {record['baseline']}, Holm-corrected across "
@@ -253,6 +254,14 @@ def verdicts_markdown(table, chosen: dict, record: dict) -> str:
                 )
         else:
             lines.append("- No detectable difference between any two methods at this setting.")
+        compared = set(rows["method_a"]) | set(rows["method_b"])
+        for c in chosen.values():
+            if c["setting"] == setting and c["method"] != record["baseline"] and c["method"] not in compared:
+                target = f" (target ratio {c['target_ratio']:.1f}×)" if c.get("target_ratio") else ""
+                lines.append(
+                    f"- {c['method']}: not compared — no paired run within the tolerance of {record['baseline']}'s ratio{target}; "
+                    "see the leaderboard for its own ratio."
+                )
         lines.append("")
         lines += ["Tuned configurations:", ""]
         for c in chosen.values():

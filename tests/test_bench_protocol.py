@@ -307,3 +307,44 @@ def test_hparams_search_tune_refuses_a_test_objective_with_one_line(tmp_path):
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert lines[0].startswith("error: objectives=") and "test/*" in lines[0]
     assert not list(tmp_path.rglob("results.json"))
+
+
+def test_verdicts_name_the_methods_left_unpaired_and_the_runs_executed_now():
+    """A ratio-matched method that found no pair is listed, never silently dropped; the
+    wall time is labelled as this invocation's (a resumed bench reads earlier runs back)."""
+    table = pd.DataFrame(
+        [
+            {
+                "method_a": "naive",
+                "method_b": "slope",
+                "setting": "2:4 w4",
+                "metric": "test/top1",
+                "n_pairs": 10,
+                "mean_diff": -0.001,
+                "ci_low": -0.002,
+                "ci_high": 0.0005,
+                "p_holm": 0.3,
+                "verdict": "no_detectable_difference",
+            }
+        ]
+    )
+    chosen = {
+        tag: {"method": m, "setting": "2:4 w4", "overrides": [], "searched": True, "val": 0.9, "target_ratio": t}
+        for tag, m, t in (("s", "slope", None), ("n", "naive", None), ("c", "codeq", 10.5))
+    }
+    record = {
+        "date": "2026-11-30 15:00 UTC",
+        "machine": {"cpu": "cpu", "cores": 2},
+        "runs_executed_now": 10,
+        "wall_minutes": 1.7,
+        "trials": 12,
+        "seeds": 10,
+        "baseline": "slope",
+        "tolerance": 0.1,
+        "settings": ["2:4 w4"],
+    }
+    text = bench.verdicts_markdown(table, chosen, record)
+    assert "10 runs in 1.7 min" in text and "read back" in text
+    unpaired = [line for line in text.splitlines() if line.startswith("- codeq: not compared")]
+    assert len(unpaired) == 1 and "10.5×" in unpaired[0]
+    assert not any(line.startswith("- naive: not compared") for line in text.splitlines())

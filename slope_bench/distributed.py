@@ -120,9 +120,14 @@ def process_group(
     from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
 
     from slope_bench.errors import ConfigError
+    from slope_bench.lit import lightning_trainer_spec
 
     probe = hydra.utils.instantiate(
-        trainer_node, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+        lightning_trainer_spec(trainer_node),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     strategy = probe.strategy
     if probe.world_size == 1 or not isinstance(strategy, ParallelStrategy):

@@ -47,6 +47,14 @@ class DivergenceError(RuntimeError):
 RUN_TRAINER_KEYS = ("channels_last",)
 
 
+def lightning_trainer_spec(trainer_node: Any) -> dict:
+    """The run's ``trainer`` node as ``pytorch_lightning.Trainer`` kwargs (the run's own keys left out)."""
+    from omegaconf import OmegaConf
+
+    spec = OmegaConf.to_container(trainer_node, resolve=True) if OmegaConf.is_config(trainer_node) else dict(trainer_node)
+    return {k: v for k, v in spec.items() if k not in RUN_TRAINER_KEYS}
+
+
 def to_channels_last(batch: Any) -> Any:
     """``batch`` with every 4-D tensor in ``torch.channels_last`` (others as they are)."""
     from lightning_utilities.core.apply_func import apply_to_collection
@@ -433,7 +441,6 @@ def fit(
     after every epoch, and ``resume=true`` continues from it (loaded with ``weights_only=True``).
     """
     import hydra
-    from omegaconf import OmegaConf
 
     if epochs == 0:
         return Fit(0.0, None, 0)
@@ -465,7 +472,7 @@ def fit(
         tag=tag,
         channels_last=channels_last,
     )
-    trainer_spec = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k not in RUN_TRAINER_KEYS}
+    trainer_spec = lightning_trainer_spec(cfg.trainer)
     trainer = hydra.utils.instantiate(
         trainer_spec,
         enable_progress_bar=bool(cfg.trainer.get("enable_progress_bar", True)) and sys.stderr.isatty(),  # a live bar in a terminal only

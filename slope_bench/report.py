@@ -194,7 +194,13 @@ def make_logger(cfg: DictConfig):
             run_id = secrets.token_hex(4)  # W&B run ids: 8 characters of [a-z0-9]
             if is_global_zero():  # the other ranks of a DDP run log nothing
                 atomic_write_bytes(id_file, (run_id + "\n").encode())
-        return hydra.utils.instantiate(cfg.logger, id=run_id, resume="allow")
+        logger = hydra.utils.instantiate(cfg.logger, id=run_id, resume="allow")
+        # Lightning always passes wandb.init(anonymous=None), and wandb >= 0.19 warns on any
+        # value ("The anonymous setting has no effect"): leave the key out unless it was set.
+        init = getattr(logger, "_wandb_init", None)
+        if isinstance(init, dict) and init.get("anonymous") is None:
+            init.pop("anonymous", None)
+        return logger
     return hydra.utils.instantiate(cfg.logger)
 
 

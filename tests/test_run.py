@@ -108,6 +108,9 @@ def test_cli_wandb_offline_run(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert list((run_dir / "wandb").glob("offline-run-*")), "no offline W&B run written"
+    console = proc.stdout + proc.stderr
+    for noise in ("anonymous setting", "GPU available", "TPU available", "💡 Tip", "validation_step", "deprecated"):
+        assert noise not in console, noise  # third-party noise that says nothing about the run
     assert torch.tensor(json.loads((run_dir / "results.json").read_text())["compress/ratio"]) > 1
 
 

@@ -224,7 +224,7 @@ def verdicts_markdown(table, chosen: dict, record: dict) -> str:
         "",
         f"Measured {record['date']} on {record['machine']['cpu']} ({record['machine']['cores']} cores), "
         f"this invocation of `make bench`: {record['runs_executed_now']} runs in {record['wall_minutes']:.1f} min "
-        "(runs already finished in an earlier invocation are read back, not rerun). Protocol: {record['trials']} tuning trials per method and setting "
+        f"(runs already finished in an earlier invocation are read back, not rerun). Protocol: {record['trials']} tuning trials per method and setting "
         f"(seeded TPE, chosen on validation top-1 only), then {record['seeds']} seeds of the chosen configuration on test. "
         "Differences are paired by seed (same split, same dense reference): mean difference of test top-1 with a 95% paired "
         f"bootstrap interval and a sign-flip permutation test, every method against {record['baseline']}, Holm-corrected across "

@@ -345,6 +345,7 @@ def test_verdicts_name_the_methods_left_unpaired_and_the_runs_executed_now():
     }
     text = bench.verdicts_markdown(table, chosen, record)
     assert "10 runs in 1.7 min" in text and "read back" in text
+    assert "12 tuning trials" in text and "{record" not in text  # every placeholder filled in
     unpaired = [line for line in text.splitlines() if line.startswith("- codeq: not compared")]
     assert len(unpaired) == 1 and "10.5×" in unpaired[0]
     assert not any(line.startswith("- naive: not compared") for line in text.splitlines())

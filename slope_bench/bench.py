@@ -25,13 +25,20 @@ recorded as ``status: failed`` and listed on the leaderboard.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import heapq
+import itertools
 import json
 import logging
 import os
 import platform
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -136,84 +143,258 @@ def tag_of(method: str, setting: str) -> str:
     return f"{method}_{setting.replace(':', 'of').replace(' ', '_')}"
 
 
-class Runner:
-    """Runs one configuration into a folder, or reads it when it already finished."""
+TRIAL_OVERRIDES = ["val_every=0"]  # a trial is scored by the val/* its finalized model records; per-epoch curves are not needed
 
-    def __init__(self, experiment: str, cache: Path, data: Path, extra: list[str], bar=None) -> None:
-        self.experiment, self.cache, self.data, self.extra, self.bar = experiment, cache, data, extra, bar
-        self.timings: list[dict] = []
 
-    def __call__(self, out_dir: Path, method: str, seed: int, overrides: list[str]) -> dict:
-        from slope_bench.report import record_failure
-        from slope_bench.train import run
+def default_workers() -> int:
+    """One single-threaded worker per available core, at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
 
-        done = out_dir / "results.json"
-        if done.is_file():
-            previous = json.loads(done.read_text())
-            if previous.get("status") in ("ok", "diverged"):
-                return previous
-        cfg = compose_run(
-            [
-                f"experiment={self.experiment}",
-                f"method={method}",
-                f"seed={seed}",
-                "logger=none",
-                "trainer.enable_progress_bar=false",
-                *overrides,
-                *self.extra,
-            ],
-            out_dir,
-            self.cache,
-            self.data,
-        )
-        if self.bar is not None:
-            self.bar(f"{out_dir.parent.name}/{out_dir.name}")
-        t0 = time.perf_counter()
+
+def execute(
+    experiment: str, method: str, seed: int, overrides: list[str], out_dir: Path, cache: Path, data: Path, log_file: bool
+) -> tuple[dict, float]:
+    """Run one configuration into ``out_dir`` in this process: ``(results, seconds)``. A
+    failure is recorded as ``status: failed`` and returned like any result. With
+    ``log_file``, everything the run prints goes to ``<out_dir>/run.log`` (a worker
+    process: its console is not the user's)."""
+    from slope_bench.report import record_failure
+    from slope_bench.train import run
+
+    cfg = compose_run(
+        [f"experiment={experiment}", f"method={method}", f"seed={seed}", "logger=none", "trainer.enable_progress_bar=false", *overrides],
+        out_dir,
+        cache,
+        data,
+    )
+    t0 = time.perf_counter()
+    with redirect_output(out_dir / "run.log" if log_file else None):
         try:
             results = run(cfg)
         except Exception as e:  # recorded, listed on the leaderboard, the benchmark goes on
             record_failure(cfg, e)
-            results = json.loads(done.read_text())
-        self.timings.append({"run": str(out_dir), "seconds": round(time.perf_counter() - t0, 1)})
+            results = json.loads((out_dir / "results.json").read_text())
+    return results, time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def redirect_output(path: Path | None) -> Iterator[None]:
+    """Send this process's stdout and stderr (file descriptors 1 and 2, so C-level output
+    too) to ``path`` inside the block; ``None``: unchanged."""
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(path, "a") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    from slope_bench.utils import quiet_third_party
+
+    torch.set_num_threads(threads)
+    quiet_third_party()
+
+
+class Workers:
+    """``workers`` processes of ``threads`` torch threads each; the most urgent job first.
+
+    Jobs wait in a priority queue (lowest ``priority`` first, then first come) and at most
+    ``workers`` run at once, so the runs on a critical path (the ratio reference's tuning
+    trials, which CoDeQ's and SQS's tuning waits for) never queue behind a fan-out of seed
+    runs. A run's result does not depend on which worker ran it or when: each run seeds
+    itself and every worker has the same thread count.
+    """
+
+    def __init__(self, workers: int, threads: int) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.pool = ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(threads,)
+        )
+        self.free = workers
+        self.queue: list = []
+        self.order = itertools.count()
+        self.lock = threading.RLock()
+
+    def submit(self, priority: tuple, fn: Callable, *args) -> Future:
+        """Queue ``fn(*args)`` (a picklable module-level function) and return its future."""
+        future: Future = Future()
+        with self.lock:
+            heapq.heappush(self.queue, (priority, next(self.order), fn, args, future))
+        self._dispatch()
+        return future
+
+    def _dispatch(self) -> None:
+        with self.lock:
+            while self.free and self.queue:
+                _, _, fn, args, future = heapq.heappop(self.queue)
+                self.free -= 1
+                self.pool.submit(fn, *args).add_done_callback(partial(self._finished, future))
+
+    def _finished(self, future: Future, inner: Future) -> None:
+        with self.lock:
+            self.free += 1
+        error = inner.exception()
+        if error is None:
+            future.set_result(inner.result())
+        else:
+            future.set_exception(error)
+        self._dispatch()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class Runner:
+    """Runs configurations into folders (reading back the ones that already finished),
+    in this process or on :class:`Workers`."""
+
+    def __init__(
+        self, experiment: str, cache: Path, data: Path, extra: list[str], workers: int = 1, threads: int | None = None, bar=None
+    ) -> None:
+        self.experiment, self.cache, self.data, self.extra, self.bar = experiment, cache, data, extra, bar
+        self.workers, self.threads = workers, threads
+        self.timings: list[dict] = []
+        self._pool: Workers | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def parallel(self) -> bool:
+        """Whether runs go to worker processes (``workers > 1``)."""
+        return self.workers > 1
+
+    def __call__(self, out_dir: Path, method: str, seed: int, overrides: list[str], priority: tuple = ()) -> dict:
+        """Run one configuration (blocking) and return its results."""
+        return self.many([(out_dir, method, seed, overrides)], priority)[0]
+
+    def many(self, calls: list[tuple[Path, str, int, list[str]]], priority: tuple = ()) -> list[dict]:
+        """Run independent configurations (on the workers at once) and return their results in order."""
+        results: list = [None] * len(calls)
+        pending = []
+        for i, (out_dir, method, seed, overrides) in enumerate(calls):
+            done = out_dir / "results.json"
+            if done.is_file():
+                previous = json.loads(done.read_text())
+                if previous.get("status") in ("ok", "diverged"):
+                    results[i] = previous
+                    continue
+            args = (self.experiment, method, seed, [*overrides, *self.extra], out_dir, self.cache, self.data, self.parallel)
+            if self.parallel:
+                pending.append((i, out_dir, self._submit(priority, args)))
+            else:
+                from slope_bench.obs import torch_threads
+
+                with torch_threads(self.threads):
+                    results[i], seconds = execute(*args)
+                self._log(out_dir, results[i], seconds)
+        for i, out_dir, future in pending:
+            results[i], seconds = future.result()
+            self._log(out_dir, results[i], seconds)
         return results
+
+    def _submit(self, priority: tuple, args: tuple) -> Future:
+        with self._lock:
+            if self._pool is None:
+                self._pool = Workers(self.workers, self.threads or 1)
+        return self._pool.submit(priority, execute, *args)
+
+    def _log(self, out_dir: Path, results: dict, seconds: float) -> None:
+        with self._lock:
+            self.timings.append({"run": str(out_dir), "seconds": round(seconds, 1)})
+            count = len(self.timings)
+        if self.bar is not None:
+            val = results.get(f"val/{results.get('main_metric', 'top1')}")
+            score = f" val {val:.4f}" if isinstance(val, float) else ""
+            self.bar(f"[{count}] {out_dir.parent.name}/{out_dir.name}: {results.get('status')}{score} ({seconds:.0f} s)")
+
+    def close(self) -> None:
+        """Stop the worker processes (if any were started)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+
+PRIORITY = {RATIO_REFERENCE: 0, **dict.fromkeys(RATIO_MATCHED, 1)}  # then every other method (2)
 
 
 def protocol(args: argparse.Namespace, runner: Runner) -> dict:
-    """Tune → seeds → controls; returns the record of what was chosen."""
+    """Tune → seeds → controls; returns the record of what was chosen.
+
+    Every (setting, method) is one pipeline: its trials in order (TPE proposes from the
+    ones before), then its seeds at once. With a parallel ``runner`` the pipelines run
+    side by side (CoDeQ's and SQS's wait for SLOPE's seed runs at the same setting, whose
+    ratio they are matched to); otherwise one after the other, in the same order.
+    """
     from slope_bench.tune import tunable, tune
 
     runs_dir, tune_dir = args.out / "runs", args.out / "tune"
-    chosen: dict[str, dict] = {}
-    for setting in args.settings:
-        reference_ratio = None
-        for method in [m for m in [*JOINT, *RATIO_MATCHED] if m in args.methods]:
-            if method in RATIO_MATCHED and reference_ratio is None:
+    jobs = [(setting, method) for setting in args.settings for method in [*JOINT, *RATIO_MATCHED] if method in args.methods]
+    references: dict[str, Future] = {setting: Future() for setting in args.settings}  # SLOPE's mean ratio per setting
+
+    def pipeline(setting: str, method: str) -> dict:
+        target = None
+        if method in RATIO_MATCHED:
+            target = references[setting].result() if RATIO_REFERENCE in args.methods else None
+            if target is None:
                 log.warning("%s at %s: no %s run to match the ratio of: tuning without a target", method, setting, RATIO_REFERENCE)
-            fixed = setting_overrides(method, setting)
-            tag = tag_of(method, setting)
+        fixed = setting_overrides(method, setting)
+        tag = tag_of(method, setting)
+        rank = PRIORITY.get(method, 2)
 
-            def trial(number: int, overrides: list[str], tag: str = tag, method: str = method, fixed: list[str] = fixed) -> dict:
-                return runner(tune_dir / tag / f"trial_{number:02d}", method, args.tune_seed, [*fixed, *overrides])
+        def trial(number: int, overrides: list[str]) -> dict:
+            return runner(tune_dir / tag / f"trial_{number:02d}", method, args.tune_seed, [*fixed, *overrides, *TRIAL_OVERRIDES], (rank, 0))
 
-            target = reference_ratio if method in RATIO_MATCHED else None
+        try:
             tuned = tune(method, trial, args.trials, seed=args.tune_seed, target_ratio=target, tolerance=args.tolerance)
-            finals = [runner(runs_dir / f"{tag}_s{seed}", method, seed, [*fixed, *tuned.overrides]) for seed in range(args.seeds)]
+            calls = [(runs_dir / f"{tag}_s{seed}", method, seed, [*fixed, *tuned.overrides]) for seed in range(args.seeds)]
+            finals = runner.many(calls, (rank, 1))
             ok = [r for r in finals if r.get("status") == "ok"]
             if method == RATIO_REFERENCE and ok:
-                reference_ratio = sum(r["compress/ratio"] for r in ok) / len(ok)
-            chosen[tag] = {
-                "method": method,
-                "setting": setting,
-                "overrides": tuned.overrides,
-                "searched": tuned.searched,
-                "trials": len(tuned.trials),
-                "not_tunable": sum(1 for t in tuned.trials if not tunable(t)),  # failed, diverged, or no val/* recorded
-                "val": None if tuned.chosen is None else tuned.chosen.get(f"val/{tuned.chosen.get('main_metric')}"),
-                "target_ratio": target,
-            }
+                references[setting].set_result(sum(r["compress/ratio"] for r in ok) / len(ok))
+        finally:
+            if method == RATIO_REFERENCE and not references[setting].done():
+                references[setting].set_result(None)  # failed: the ratio-matched methods tune without a target
+        return {
+            "method": method,
+            "setting": setting,
+            "overrides": tuned.overrides,
+            "searched": tuned.searched,
+            "trials": len(tuned.trials),
+            "not_tunable": sum(1 for t in tuned.trials if not tunable(t)),  # failed, diverged, or no val/* recorded
+            "val": None if tuned.chosen is None else tuned.chosen.get(f"val/{tuned.chosen.get('main_metric')}"),
+            "target_ratio": target,
+        }
+
+    if runner.parallel and len(jobs) > 1:
+        with ThreadPoolExecutor(len(jobs), thread_name_prefix="pipeline") as threads:
+            futures = [threads.submit(pipeline, *job) for job in jobs]
+            outcomes = [f.result() for f in futures]
+    else:
+        outcomes = [pipeline(*job) for job in jobs]
+    chosen = {tag_of(method, setting): outcome for (setting, method), outcome in zip(jobs, outcomes, strict=True)}
     if "dense" in args.methods:
-        for seed in range(args.seeds):
-            runner(runs_dir / f"dense_s{seed}", "dense", seed, [])
+        runner.many([(runs_dir / f"dense_s{seed}", "dense", seed, []) for seed in range(args.seeds)], (2, 1))
     return chosen
 
 
@@ -275,6 +456,49 @@ def verdicts_markdown(table, chosen: dict, record: dict) -> str:
 log = logging.getLogger("slope_bench")
 
 
+def progress(line: str) -> None:
+    print(line, flush=True)
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    workers = default_workers()
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=workers,
+        help=f"runs at once, each in its own process (default here: {workers}, one per core); 1: one after the other in this process",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per run (default: 1 with several workers; torch's own with --workers 1). "
+        "Results depend on it in the last bits: bench.json records it",
+    )
+
+
+def check_workers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--workers``/``--threads`` are positive (exit 2 otherwise); fills in the default thread count."""
+    if args.workers < 1 or (args.threads is not None and args.threads < 1):
+        parser.error(f"--workers and --threads must be >= 1 (got {args.workers} and {args.threads})")
+    if args.threads is None and args.workers > 1:
+        args.threads = 1
+
+
+def check_search_spaces(parser: argparse.ArgumentParser, methods: list[str]) -> None:
+    """Every method's ``search`` names its own knobs and parses (exit 2 with one line otherwise), before any run."""
+    from slope_bench.errors import ConfigError
+    from slope_bench.tune import distributions, search_space
+    from slope_bench.validate import check_search_space
+
+    for method in methods:
+        try:
+            check_search_space(OmegaConf.load(CONF_DIR / "method" / f"{method}.yaml"))
+            distributions(search_space(method))
+        except ConfigError as e:
+            parser.error(f"conf/method/{method}.yaml: {e}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["grid"]:
@@ -292,9 +516,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerance", type=float, default=0.1, help="relative ratio tolerance of ratio matching and pairing")
     parser.add_argument("--experiment", default="bench_digits")
     parser.add_argument("--cache", type=Path, default=Path(".cache/slope_bench"))
+    add_worker_arguments(parser)
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (e.g. finetune.epochs=5)")
     args = parser.parse_args(argv)
     check_names(parser, "method", args.methods)
+    check_workers(parser, args)
+    check_search_spaces(parser, args.methods)
     unknown = [s for s in args.settings if s not in SETTINGS]
     if unknown:
         parser.error(f"unknown setting(s) {unknown}: expected some of {', '.join(SETTINGS)}")
@@ -306,8 +533,13 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_third_party()
     t_start = time.perf_counter()
-    runner = Runner(args.experiment, args.cache, args.out / "data", args.overrides, bar=lambda tag: print(f"-- {tag}", flush=True))
-    chosen = protocol(args, runner)
+    runner = Runner(args.experiment, args.cache, args.out / "data", args.overrides, args.workers, args.threads, bar=progress)
+    if runner.parallel:
+        print(f"{args.workers} worker processes x {args.threads} torch thread(s); each run's output: <run dir>/run.log", flush=True)
+    try:
+        chosen = protocol(args, runner)
+    finally:
+        runner.close()
     total = time.perf_counter() - t_start
     runs_dir = args.out / "runs"
     paths = leaderboard.write([runs_dir], args.out, baseline=args.baseline, tolerance=args.tolerance)
@@ -325,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": args.settings,
         "methods": args.methods,
         "extra_overrides": args.overrides,
+        "workers": args.workers,
+        "threads_per_worker": args.threads,
         "chosen": chosen,
         "runs_executed_now": len(runner.timings),
         "wall_minutes": round(total / 60, 2),
@@ -350,8 +584,10 @@ def grid_main(argv: list[str]) -> int:
     parser.add_argument("--methods", nargs="*", default=None, help="subset of conf/method/*.yaml (default: all)")
     parser.add_argument("--experiment", default="bench_digits")
     parser.add_argument("--cache", type=Path, default=Path(".cache/slope_bench"))
+    add_worker_arguments(parser)
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (e.g. finetune.epochs=5)")
     args = parser.parse_args(argv)
+    check_workers(parser, args)
     from slope_bench import leaderboard
     from slope_bench.utils import quiet_third_party
 
@@ -361,10 +597,15 @@ def grid_main(argv: list[str]) -> int:
     jobs = [(m, o, s) for s in range(args.seeds) for m, o in grid(methods)]
     runs_dir = args.out / "runs"
     t_start = time.perf_counter()
-    runner = Runner(args.experiment, args.cache, args.out / "data", args.overrides, bar=lambda tag: print(f"-- {tag}", flush=True))
-    for method, overrides, seed in jobs:
-        tag = "_".join([method, *(o.split("=", 1)[1] for o in overrides)]) + f"_s{seed}"
-        runner(runs_dir / tag, method, seed, overrides)
+    runner = Runner(args.experiment, args.cache, args.out / "data", args.overrides, args.workers, args.threads, bar=progress)
+    calls = [
+        (runs_dir / ("_".join([m, *(o.split("=", 1)[1] for o in overrides)]) + f"_s{seed}"), m, seed, overrides)
+        for m, overrides, seed in jobs
+    ]
+    try:
+        runner.many(calls)
+    finally:
+        runner.close()
     total = time.perf_counter() - t_start
     paths = leaderboard.write([runs_dir], args.out)
     record = {
@@ -374,6 +615,8 @@ def grid_main(argv: list[str]) -> int:
         "seeds": args.seeds,
         "methods": methods,
         "extra_overrides": args.overrides,
+        "workers": args.workers,
+        "threads_per_worker": args.threads,
         "runs": len(jobs),
         "runs_executed_now": len(runner.timings),
         "wall_seconds_now": round(total, 1),

@@ -157,10 +157,15 @@ def test_tune_never_chooses_a_trial_without_validation_metrics():
 class FakeRunner:
     """Stands in for :class:`slope_bench.bench.Runner`: results from the overrides only."""
 
+    parallel = False
+
     def __init__(self, test_of, no_val_trials: set[str] = frozenset()) -> None:
         self.test_of, self.no_val_trials, self.calls = test_of, no_val_trials, []
 
-    def __call__(self, out_dir: Path, method: str, seed: int, overrides: list[str]) -> dict:
+    def many(self, calls: list, priority: tuple = ()) -> list[dict]:
+        return [self(*call, priority) for call in calls]
+
+    def __call__(self, out_dir: Path, method: str, seed: int, overrides: list[str], priority: tuple = ()) -> dict:
         self.calls.append((out_dir, method, seed, list(overrides)))
         searched = [o for o in overrides if o.split("=", 1)[0] in ("method.lam", "method.sr_ste_decay")]
         val = val_of(searched) + 0.001 * seed
@@ -185,9 +190,10 @@ def test_protocol_chooses_on_validation_and_lists_untunable_trials(tmp_path):
     assert (slope["trials"], slope["not_tunable"], naive["not_tunable"]) == (4, 1, 0)
     # the choice is the val-best trial, and the seed runs ran exactly it
     trials = [c for c in honest.calls if c[0].parent.name == "slope_2of4_w4"]
-    tunable_trials = [c for c in trials if c[0].name != "trial_01"]
-    best = max(tunable_trials, key=lambda c: val_of(c[3][3:]))
-    assert slope["overrides"] == best[3][3:] and slope["val"] == pytest.approx(val_of(best[3][3:]))
+    assert all(c[3][:3] == ["method.n=2", "method.m=4", "method.w_bits=4"] and c[3][-1:] == bench.TRIAL_OVERRIDES for c in trials)
+    searched = [c[3][3 : -len(bench.TRIAL_OVERRIDES)] for c in trials if c[0].name != "trial_01"]
+    best = max(searched, key=val_of)
+    assert slope["overrides"] == best and slope["val"] == pytest.approx(val_of(best))
     seeds = [c for c in honest.calls if c[0].parent.name == "runs" and c[1] == "slope"]
     assert [c[2] for c in seeds] == [0, 1, 2]
     assert all(c[3] == ["method.n=2", "method.m=4", "method.w_bits=4", *slope["overrides"]] for c in seeds)

@@ -34,7 +34,7 @@ lint: install  ## ruff lint + format check
 format: install  ## apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
 
-bench: install  ## who wins: tune (val) -> 5 seeds (test) -> paired comparisons -> experiments/digits_resnet18/VERDICTS.md
+bench: install  ## who wins: tune (val) -> 10 seeds (test) -> paired comparisons, one worker per core -> experiments/digits_resnet18/VERDICTS.md
 	$(PY) -m slope_bench.bench $(ARGS)
 
 bench-grid: install  ## the untuned grid: every method at its defaults, 2:4/1:4 x 4/3/2 bits, 3 seeds -> experiments/digits_resnet18_grid/

@@ -18,8 +18,12 @@ On ``experiment=bench_digits`` (digits_hard + ResNet-18 width 16), in this proce
     python -m slope_bench.bench --trials 2 --seeds 3 --methods slope naive --settings "2:4 w4" --out /tmp/b
     python -m slope_bench.bench grid --seeds 3                     # the untuned grid (every method, 2:4/1:4 x 4/3/2 bits)
 
-Finished runs are skipped when the benchmark is run again (resumable); failures are
-recorded as ``status: failed`` and listed on the leaderboard.
+Runs go to ``--workers`` processes (default one per core, at most 8; one torch thread
+each): the (setting, method) pipelines run side by side, a priority queue keeps the ratio
+reference's runs ahead of the rest, and tuning trials skip per-epoch validation
+(``TRIAL_OVERRIDES``: the choice reads the finalized model's ``val/*``). Finished runs are
+skipped when the benchmark is run again (resumable); failures are recorded as
+``status: failed`` and listed on the leaderboard.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -250,20 +254,37 @@ class Workers:
             while self.free and self.queue:
                 _, _, fn, args, future = heapq.heappop(self.queue)
                 self.free -= 1
-                self.pool.submit(fn, *args).add_done_callback(partial(self._finished, future))
+                try:
+                    inner = self.pool.submit(fn, *args)
+                except Exception as e:  # the pool is broken (a worker was killed) or shut down
+                    self.free += 1
+                    self._fail_queued(e, future)
+                    return
+                inner.add_done_callback(partial(self._finished, future))
 
     def _finished(self, future: Future, inner: Future) -> None:
         with self.lock:
             self.free += 1
-        error = inner.exception()
+        error = CancelledError() if inner.cancelled() else inner.exception()
         if error is None:
             future.set_result(inner.result())
         else:
             future.set_exception(error)
         self._dispatch()
 
+    def _fail_queued(self, error: BaseException, *futures: Future) -> None:
+        """Fail ``futures`` and every queued job with ``error``: whoever waits on them stops waiting."""
+        with self.lock:
+            waiting = [*futures, *(item[-1] for item in self.queue)]
+            self.queue.clear()
+        for future in waiting:
+            if not future.done():
+                future.set_exception(error)
+
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        """Fail the queued jobs, let the running ones finish, stop the processes."""
+        self._fail_queued(RuntimeError("the benchmark stopped before this run started"))
+        self.pool.shutdown(wait=True)  # at most `workers` jobs were handed to the pool: they finish
 
 
 class Runner:
@@ -387,9 +408,15 @@ def protocol(args: argparse.Namespace, runner: Runner) -> dict:
         }
 
     if runner.parallel and len(jobs) > 1:
-        with ThreadPoolExecutor(len(jobs), thread_name_prefix="pipeline") as threads:
+        threads = ThreadPoolExecutor(len(jobs), thread_name_prefix="pipeline")
+        try:
             futures = [threads.submit(pipeline, *job) for job in jobs]
             outcomes = [f.result() for f in futures]
+        except BaseException:  # one pipeline failed, or Ctrl-C: the queued runs fail, so every pipeline stops
+            runner.close()
+            raise
+        finally:
+            threads.shutdown(wait=False, cancel_futures=True)
     else:
         outcomes = [pipeline(*job) for job in jobs]
     chosen = {tag_of(method, setting): outcome for (setting, method), outcome in zip(jobs, outcomes, strict=True)}
@@ -398,8 +425,43 @@ def protocol(args: argparse.Namespace, runner: Runner) -> dict:
     return chosen
 
 
-def verdicts_markdown(table, chosen: dict, record: dict) -> str:
-    """``VERDICTS.md``: per setting, who wins, by how much, with the interval."""
+def mean_sd(values: list[float], fmt: str) -> str:
+    """``mean ± sd`` (sample sd; 0 for one value), ``—`` for none."""
+    import numpy as np
+
+    if not values:
+        return "—"
+    sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return f"{float(np.mean(values)):{fmt}} ± {sd:{fmt}}"
+
+
+def summary_table(runs_dir: Path, chosen: dict, setting: str, seeds: int) -> list[str]:
+    """Markdown lines: each method's seed runs at ``setting`` (test top-1 and whole-model
+    ratio, mean ± sd over the finished seeds) and the controls every run carries (the dense
+    reference and the dense model fine-tuned with the same budget, one value per seed)."""
+    rows, controls = [], {"test/top1_dense": {}, "test/top1_dense_ft": {}}
+    for c in chosen.values():
+        if c["setting"] != setting:
+            continue
+        paths = [runs_dir / f"{tag_of(c['method'], setting)}_s{seed}" / "results.json" for seed in range(seeds)]
+        ok = [r for r in (json.loads(p.read_text()) for p in paths if p.is_file()) if r.get("status") == "ok"]
+        for key, per_seed in controls.items():
+            per_seed.update({r["seed"]: r[key] for r in ok if isinstance(r.get(key), float)})
+        top1 = [r["test/top1"] for r in ok if isinstance(r.get("test/top1"), float)]
+        ratio = [r["compress/ratio"] for r in ok if isinstance(r.get("compress/ratio"), float)]
+        rows.append(f"| {c['method']} | {len(ok)}/{seeds} | {mean_sd(top1, '.4f')} | {mean_sd(ratio, '.2f')} |")
+    if not rows:
+        return []
+    lines = ["| method | seeds ok | test top-1 | whole-model ratio |", "|---|---|---|---|", *rows]
+    for key, name in (("test/top1_dense", "dense reference"), ("test/top1_dense_ft", "dense fine-tuned (same budget)")):
+        if controls[key]:
+            lines.append(f"| *{name}* | {len(controls[key])} | {mean_sd(list(controls[key].values()), '.4f')} | 1 |")
+    return [*lines, ""]
+
+
+def verdicts_markdown(table, chosen: dict, record: dict, runs_dir: Path | None = None) -> str:
+    """``VERDICTS.md``: per setting, who wins, by how much, with the interval; each
+    method's mean test top-1 and ratio next to the dense controls (from ``runs_dir``)."""
     lines = [
         "# Who wins on the embedded benchmark (digits_hard, ResNet-18 width 16)",
         "",
@@ -429,9 +491,11 @@ def verdicts_markdown(table, chosen: dict, record: dict) -> str:
         lines.append("")
         if len(wins):
             for _, r in wins.iterrows():
-                winner, loser = (r["method_a"], r["method_b"]) if r["verdict"] == "a_better" else (r["method_b"], r["method_a"])
+                a_wins = r["verdict"] == "a_better"
+                winner, loser = (r["method_a"], r["method_b"]) if a_wins else (r["method_b"], r["method_a"])
+                low, high = (r["ci_low"], r["ci_high"]) if a_wins else (-r["ci_high"], -r["ci_low"])  # the interval of winner − loser
                 lines.append(
-                    f"- **{winner}** beats {loser} by {abs(r['mean_diff']):.4f} top-1 (CI [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}])."
+                    f"- **{winner}** beats {loser} by {abs(r['mean_diff']):.4f} top-1 (95% CI of the margin [{low:+.4f}, {high:+.4f}])."
                 )
         else:
             lines.append("- No detectable difference between any two methods at this setting.")
@@ -444,6 +508,7 @@ def verdicts_markdown(table, chosen: dict, record: dict) -> str:
                     "see the leaderboard for its own ratio."
                 )
         lines.append("")
+        lines += summary_table(runs_dir, chosen, setting, record["seeds"]) if runs_dir is not None else []
         lines += ["Tuned configurations:", ""]
         for c in chosen.values():
             if c["setting"] == setting:
@@ -568,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
     table = pd.read_csv(csv_path) if csv_path.is_file() else pd.DataFrame()
-    (args.out / "VERDICTS.md").write_text(verdicts_markdown(table, chosen, record))
+    (args.out / "VERDICTS.md").write_text(verdicts_markdown(table, chosen, record, runs_dir))
     print(f"{len(runner.timings)} runs executed now in {total / 60:.1f} min -> {args.out}")
     for name, path in {**paths, "comparisons": csv_path, "verdicts": args.out / "VERDICTS.md"}.items():
         print(f"  {name}: {path}")

@@ -165,6 +165,9 @@ class FakeRunner:
     def many(self, calls: list, priority: tuple = ()) -> list[dict]:
         return [self(*call, priority) for call in calls]
 
+    def close(self) -> None:
+        self.closed = True
+
     def __call__(self, out_dir: Path, method: str, seed: int, overrides: list[str], priority: tuple = ()) -> dict:
         self.calls.append((out_dir, method, seed, list(overrides)))
         searched = [o for o in overrides if o.split("=", 1)[0] in ("method.lam", "method.sr_ste_decay")]
@@ -200,6 +203,89 @@ def test_protocol_chooses_on_validation_and_lists_untunable_trials(tmp_path):
     assert all(c[2] == 0 for c in trials)  # trials run at the tuning seed
 
 
+def test_parallel_pipelines_choose_what_the_sequential_protocol_chooses(tmp_path):
+    """Pipelines side by side (a parallel runner) ask for the same runs and choose the same
+    configurations; SQS waits for SLOPE's seeds and is matched to their mean ratio."""
+    methods = ("slope", "naive", "sqs")
+    sequential = FakeRunner(lambda n, v: v)
+    expected = bench.protocol(protocol_args(tmp_path, methods), sequential)
+    parallel = FakeRunner(lambda n, v: v)
+    parallel.parallel = True
+    assert bench.protocol(protocol_args(tmp_path, methods), parallel) == expected
+    key = lambda c: (str(c[0]), c[3])  # noqa: E731
+    assert sorted(parallel.calls, key=key) == sorted(sequential.calls, key=key)
+    assert expected["sqs_2of4_w4"]["target_ratio"] == pytest.approx(10.0)  # the fake runs' ratio
+    sqs_first = min(i for i, c in enumerate(parallel.calls) if c[1] == "sqs")
+    slope_seeds = [i for i, c in enumerate(parallel.calls) if c[1] == "slope" and c[0].parent.name == "runs"]
+    assert len(slope_seeds) == 3 and max(slope_seeds) < sqs_first
+
+
+def test_a_failing_pipeline_stops_the_parallel_protocol(tmp_path):
+    """An error in one pipeline (not a failed run: those are recorded) is raised, and the
+    runner is closed so the other pipelines' queued runs fail instead of running on."""
+
+    class Broken(FakeRunner):
+        parallel = True
+
+        def __call__(self, out_dir, method, seed, overrides, priority=()):
+            if method == "naive":
+                raise OSError("disk full")
+            return super().__call__(out_dir, method, seed, overrides, priority)
+
+    runner = Broken(lambda n, v: v)
+    with pytest.raises(OSError, match="disk full"):
+        bench.protocol(protocol_args(tmp_path, ("slope", "naive", "sqs")), runner)
+    assert runner.closed
+
+
+def label(value: str) -> str:
+    """A job for :class:`bench.Workers` (module level: picklable by a spawned worker)."""
+    return value
+
+
+def test_workers_run_the_most_urgent_job_first():
+    """One worker, busy: the queued jobs then start by priority (then first come), whatever
+    the order they were submitted in."""
+    workers = bench.Workers(1, 1)
+    try:
+        import time as time_module
+
+        started: list[str] = []
+        busy = workers.submit((9,), time_module.sleep, 2.0)  # holds the only worker while the rest queue up
+        jobs = [((2, 1), "seed run of naive"), ((2, 0), "trial of naive"), ((0, 1), "seed run of slope"), ((1, 0), "trial of sqs")]
+        futures = [workers.submit(priority, label, name) for priority, name in jobs]
+        for future in futures:
+            future.add_done_callback(lambda f: started.append(f.result()))
+        busy.result()
+        assert [f.result(timeout=60) for f in futures] == [name for _, name in jobs]
+        assert started == ["seed run of slope", "trial of sqs", "trial of naive", "seed run of naive"]
+        # closing fails what is still queued (whoever waits on it stops waiting); the running job finishes
+        busy = workers.submit((0,), time_module.sleep, 1.0)
+        queued = workers.submit((1,), label, "never runs")
+        workers.close()
+        assert busy.result() is None
+        with pytest.raises(RuntimeError, match="stopped before this run started"):
+            queued.result(timeout=10)
+    finally:
+        workers.close()
+
+
+def test_a_killed_worker_fails_the_queued_jobs_instead_of_hanging():
+    from concurrent.futures.process import BrokenProcessPool
+
+    workers = bench.Workers(1, 1)
+    try:
+        killed = workers.submit((0,), os._exit, 1)  # the worker dies mid-job (as when the OOM killer takes it)
+        queued = [workers.submit((1,), label, str(i)) for i in range(3)]
+        with pytest.raises(BrokenProcessPool):
+            killed.result(timeout=60)
+        for future in queued:
+            with pytest.raises(BrokenProcessPool):
+                future.result(timeout=60)
+    finally:
+        workers.close()
+
+
 # ------------------------------------------------------------- shrunk end to end, for real
 
 # Every run tiny: ResNet-18 width 4, the untrained model as its own dense reference, one
@@ -219,8 +305,9 @@ BENCH_TINY = [*TINY, "task.copies=1"]  # digits_hard (experiment=bench_digits)
 
 
 def test_bench_main_runs_the_protocol_end_to_end(tmp_path, capsys):
+    """On two worker processes (one torch thread each): the bench as ``make bench`` runs it."""
     out = tmp_path / "bench"
-    argv = ["--trials", "2", "--seeds", "3", "--methods", "slope", "naive", "--settings", "2:4 w4"]
+    argv = ["--trials", "2", "--seeds", "3", "--methods", "slope", "naive", "--settings", "2:4 w4", "--workers", "2", "--threads", "1"]
     with torch_threads(1):  # tiny convolutions: a second thread only spins (and starves when the CPUs are busy)
         assert bench.main([*argv, "--out", str(out), "--cache", str(tmp_path / "cache"), *BENCH_TINY]) == 0
     record = json.loads((out / "bench.json").read_text())
@@ -252,6 +339,23 @@ def test_bench_main_runs_the_protocol_end_to_end(tmp_path, capsys):
     for name in ("leaderboard.csv", "leaderboard.md", "leaderboard.html"):
         assert (out / name).stat().st_size > 0, name
     assert len(pd.read_csv(out / "leaderboard.csv")) >= 2
+    assert (record["workers"], record["threads_per_worker"]) == (2, 1)
+    assert "Seed set to" in (out / "runs" / "slope_2of4_w4_s1" / "run.log").read_text()  # a worker's console goes to its run's log
+    # a run on a worker gives exactly what the same run gives in this process with the same threads
+    with torch_threads(1):
+        here, _ = bench.execute(
+            "bench_digits",
+            "slope",
+            1,
+            ["method.n=2", "method.m=4", "method.w_bits=4", *record["chosen"]["slope_2of4_w4"]["overrides"], *BENCH_TINY],
+            tmp_path / "here",
+            tmp_path / "cache",
+            out / "data",
+            False,
+        )
+    worker = json.loads((out / "runs" / "slope_2of4_w4_s1" / "results.json").read_text())
+    for key in ("val/top1", "test/top1", "compress/ratio", "train/loss_last", "config_id"):
+        assert here[key] == worker[key], key
     # resumable: a second call finds every run finished and runs none
     capsys.readouterr()
     with torch_threads(1):
@@ -355,3 +459,127 @@ def test_verdicts_name_the_methods_left_unpaired_and_the_runs_executed_now():
     unpaired = [line for line in text.splitlines() if line.startswith("- codeq: not compared")]
     assert len(unpaired) == 1 and "10.5×" in unpaired[0]
     assert not any(line.startswith("- naive: not compared") for line in text.splitlines())
+
+
+@pytest.mark.parametrize("method", ["slope", "sqs"])
+def test_a_tuning_trial_skipping_per_epoch_validation_records_the_same_results(tmp_path, method):
+    """``bench.TRIAL_OVERRIDES`` (no per-epoch validation) changes how long a trial takes,
+    never what it records (SQS samples: its RNG stream is untouched by evaluation)."""
+    base = [*bench.setting_overrides(method, "2:4 w4"), *BENCH_TINY, "finetune.epochs=2", "trainer.fast_dev_run=false"]
+    base += ["+trainer.limit_train_batches=2"]
+    runs = {}
+    with torch_threads(1):
+        for every in (1, 0):
+            runs[every], _ = bench.execute(
+                "bench_digits",
+                method,
+                0,
+                [*base, f"val_every={every}"],
+                tmp_path / str(every),
+                tmp_path / "cache",
+                tmp_path / "data",
+                False,
+            )
+    assert runs[0]["status"] == "ok" and bench.TRIAL_OVERRIDES == ["val_every=0"]
+    for key in ("val/top1", "test/top1", "compress/ratio", "train/loss_last", "train/steps"):
+        assert runs[0][key] == runs[1][key], key
+
+
+def test_bench_refuses_bad_workers_and_bad_search_spaces_before_any_run(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from slope_bench import tune as tune_module
+
+    out = tmp_path / "bench"
+    for bad in (["--workers", "0"], ["--threads", "0"]):
+        with pytest.raises(SystemExit) as e:
+            bench.main([*bad, "--out", str(out), "--methods", "slope"])
+        assert e.value.code == 2 and "--workers and --threads must be >= 1" in capsys.readouterr().err
+    conf = tmp_path / "conf"
+    shutil.copytree(bench.CONF_DIR, conf)
+    slope_yaml = conf / "method" / "slope.yaml"
+    spec = yaml.safe_load(slope_yaml.read_text())
+    for knob, message in (("not_a_knob", "a search over knobs of slope"), ("w_bits", "compression knobs n, m, w_bits stay fixed")):
+        spec["search"] = {**spec["search"], knob: "choice(2, 3)"}
+        slope_yaml.write_text(yaml.safe_dump(spec))
+        monkeypatch.setattr(bench, "CONF_DIR", conf)
+        monkeypatch.setattr(tune_module, "CONF_DIR", conf)
+        with pytest.raises(SystemExit) as e:
+            bench.main(["--out", str(out), "--methods", "naive", "slope", "--trials", "1", "--seeds", "1"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and f"conf/method/slope.yaml: method.search.{knob}=" in err[-1] and message in err[-1]
+        assert not out.exists()  # nothing ran, naive included
+        del spec["search"][knob]
+    spec["search"]["lam"] = "tag(log, interval(1, oops))"  # does not parse as a sweep expression
+    slope_yaml.write_text(yaml.safe_dump(spec))
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--out", str(out), "--methods", "slope"])
+    assert e.value.code == 2 and "method.search.lam" in capsys.readouterr().err and not out.exists()
+
+
+def test_verdicts_state_the_winner_margin_and_each_method_next_to_the_dense_controls(tmp_path):
+    """A ``b_better`` row is stated from the winner's side (margin and interval positive);
+    the per-setting table holds each method's seeds (mean ± sd) and the dense controls,
+    one value per seed however many methods carry it."""
+    row = {"setting": "2:4 w4", "metric": "test/top1", "n_pairs": 3, "p_holm": 0.01}
+    table = pd.DataFrame(
+        [
+            {
+                **row,
+                "method_a": "prune_then_quantize",
+                "method_b": "slope",
+                "mean_diff": -0.0046,
+                "ci_low": -0.0074,
+                "ci_high": -0.0023,
+                "verdict": "b_better",
+            }
+        ]
+    )
+    runs = tmp_path / "runs"
+    tops = {"slope": [0.95, 0.96, 0.97], "prune_then_quantize": [0.94, 0.95, None]}  # None: a failed seed
+    for method, values in tops.items():
+        for seed, top1 in enumerate(values):
+            r = {"method": method, "seed": seed, "status": "failed"}
+            if top1 is not None:
+                r = {
+                    **r,
+                    "status": "ok",
+                    "test/top1": top1,
+                    "compress/ratio": 10.5,
+                    "test/top1_dense": 0.96 + seed / 100,
+                    "test/top1_dense_ft": 0.95,
+                }
+            (runs / f"{bench.tag_of(method, '2:4 w4')}_s{seed}").mkdir(parents=True)
+            (runs / f"{bench.tag_of(method, '2:4 w4')}_s{seed}" / "results.json").write_text(json.dumps(r))
+    chosen = {
+        bench.tag_of(m, "2:4 w4"): {"method": m, "setting": "2:4 w4", "overrides": [], "searched": True, "val": 0.9, "target_ratio": None}
+        for m in tops
+    }
+    record = {
+        "date": "d", "machine": {"cpu": "cpu", "cores": 2}, "runs_executed_now": 6, "wall_minutes": 1.0, "trials": 2, "seeds": 3,
+        "baseline": "slope", "tolerance": 0.1, "settings": ["2:4 w4"],
+    }  # fmt: skip
+    lines = bench.verdicts_markdown(table, chosen, record, runs).splitlines()
+    assert "- **slope** beats prune_then_quantize by 0.0046 top-1 (95% CI of the margin [+0.0023, +0.0074])." in lines
+    assert "| slope | 3/3 | 0.9600 ± 0.0100 | 10.50 ± 0.00 |" in lines
+    assert "| prune_then_quantize | 2/3 | 0.9450 ± 0.0071 | 10.50 ± 0.00 |" in lines
+    assert "| *dense reference* | 3 | 0.9700 ± 0.0100 | 1 |" in lines  # seeds 0, 1, 2 once each
+    assert "| *dense fine-tuned (same budget)* | 3 | 0.9500 ± 0.0000 | 1 |" in lines
+
+
+def test_bench_grid_runs_every_setting_of_each_method_once_per_seed(tmp_path):
+    """``python -m slope_bench.bench grid``: the untuned grid (methods at their defaults),
+    from the knobs each yaml declares; resumable like the protocol."""
+    out = tmp_path / "grid"
+    argv = ["grid", "--seeds", "1", "--methods", "dense", "naive", "--workers", "1", "--out", str(out), "--cache", str(tmp_path / "cache")]
+    with torch_threads(1):
+        assert bench.main([*argv, *BENCH_TINY]) == 0
+    record = json.loads((out / "bench.json").read_text())
+    names = sorted(p.name for p in (out / "runs").iterdir())
+    assert names == sorted(["dense_s0", *(f"naive_{n}_4_{b}_s0" for n in (2, 1) for b in (4, 3, 2))])
+    assert record["runs"] == record["runs_executed_now"] == 7 and record["workers"] == 1
+    assert all(json.loads((out / "runs" / n / "results.json").read_text())["status"] == "ok" for n in names)
+    assert len(pd.read_csv(out / "leaderboard.csv")) == 7
+    with torch_threads(1):
+        assert bench.main([*argv, *BENCH_TINY]) == 0
+    assert json.loads((out / "bench.json").read_text())["runs_executed_now"] == 0

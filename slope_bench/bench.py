@@ -425,6 +425,31 @@ def protocol(args: argparse.Namespace, runner: Runner) -> dict:
     return chosen
 
 
+def history(path: Path, record: dict) -> dict:
+    """``invocations`` (every invocation that wrote into this folder: date, runs executed,
+    wall minutes, workers, threads, per-run seconds), ``runs_executed_total`` and ``wall_minutes_total``:
+    a bench resumed over several invocations still says what the whole took. An earlier
+    ``bench.json`` without ``invocations`` counts as one invocation."""
+    earlier: list[dict] = []
+    if path.is_file():
+        try:
+            previous = json.loads(path.read_text())
+        except (OSError, ValueError):
+            previous = {}
+        earlier = previous.get("invocations") or (
+            [{k: previous.get(k) for k in INVOCATION_KEYS}] if "runs_executed_now" in previous else []
+        )
+    invocations = [*earlier, {k: record.get(k) for k in INVOCATION_KEYS}]
+    return {
+        "invocations": invocations,
+        "runs_executed_total": sum(i.get("runs_executed_now") or 0 for i in invocations),
+        "wall_minutes_total": round(sum(i.get("wall_minutes") or 0.0 for i in invocations), 2),
+    }
+
+
+INVOCATION_KEYS = ("date", "runs_executed_now", "wall_minutes", "workers", "threads_per_worker", "settings", "methods", "timings")
+
+
 def mean_sd(values: list[float], fmt: str) -> str:
     """``mean ± sd`` (sample sd; 0 for one value), ``—`` for none."""
     import numpy as np
@@ -438,15 +463,19 @@ def mean_sd(values: list[float], fmt: str) -> str:
 def summary_table(runs_dir: Path, chosen: dict, setting: str, seeds: int) -> list[str]:
     """Markdown lines: each method's seed runs at ``setting`` (test top-1 and whole-model
     ratio, mean ± sd over the finished seeds) and the controls every run carries (the dense
-    reference and the dense model fine-tuned with the same budget, one value per seed)."""
+    reference and the dense model fine-tuned with the shared budget, one value per seed;
+    a post-training method's run carries a 0-step control, which is left out)."""
     rows, controls = [], {"test/top1_dense": {}, "test/top1_dense_ft": {}}
     for c in chosen.values():
         if c["setting"] != setting:
             continue
         paths = [runs_dir / f"{tag_of(c['method'], setting)}_s{seed}" / "results.json" for seed in range(seeds)]
         ok = [r for r in (json.loads(p.read_text()) for p in paths if p.is_file()) if r.get("status") == "ok"]
-        for key, per_seed in controls.items():
-            per_seed.update({r["seed"]: r[key] for r in ok if isinstance(r.get(key), float)})
+        controls["test/top1_dense"].update({r["seed"]: r["test/top1_dense"] for r in ok if isinstance(r.get("test/top1_dense"), float)})
+        fine_tuned = [
+            r for r in ok if isinstance(r.get("test/top1_dense_ft"), float) and r.get("train/steps_dense_ft")
+        ]  # not OBC's 0-step "control"
+        controls["test/top1_dense_ft"].update({r["seed"]: r["test/top1_dense_ft"] for r in fine_tuned})
         top1 = [r["test/top1"] for r in ok if isinstance(r.get("test/top1"), float)]
         ratio = [r["compress/ratio"] for r in ok if isinstance(r.get("compress/ratio"), float)]
         rows.append(f"| {c['method']} | {len(ok)}/{seeds} | {mean_sd(top1, '.4f')} | {mean_sd(ratio, '.2f')} |")
@@ -467,7 +496,9 @@ def verdicts_markdown(table, chosen: dict, record: dict, runs_dir: Path | None =
         "",
         f"Measured {record['date']} on {record['machine']['cpu']} ({record['machine']['cores']} cores), "
         f"this invocation of `make bench`: {record['runs_executed_now']} runs in {record['wall_minutes']:.1f} min "
-        f"(runs already finished in an earlier invocation are read back, not rerun). Protocol: {record['trials']} tuning trials per method and setting "
+        f"(runs already finished in an earlier invocation are read back, not rerun; all {len(record.get('invocations', [1]))} "
+        f"invocation(s) into this folder: {record.get('runs_executed_total', record['runs_executed_now'])} runs in "
+        f"{record.get('wall_minutes_total', record['wall_minutes']):.1f} min, `bench.json`). Protocol: {record['trials']} tuning trials per method and setting "
         f"(seeded TPE, chosen on validation top-1 only), then {record['seeds']} seeds of the chosen configuration on test. "
         "Differences are paired by seed (same split, same dense reference): mean difference of test top-1 with a 95% paired "
         f"bootstrap interval and a sign-flip permutation test, every method against {record['baseline']}, Holm-corrected across "
@@ -629,6 +660,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_minutes": round(total / 60, 2),
         "timings": runner.timings,
     }
+    record.update(history(args.out / "bench.json", record))
     (args.out / "bench.json").write_text(json.dumps(record, indent=2) + "\n")
     import pandas as pd
 

@@ -360,7 +360,12 @@ def test_bench_main_runs_the_protocol_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     with torch_threads(1):
         assert bench.main([*argv, "--out", str(out), "--cache", str(tmp_path / "cache"), *BENCH_TINY]) == 0
-    assert json.loads((out / "bench.json").read_text())["runs_executed_now"] == 0
+    second = json.loads((out / "bench.json").read_text())
+    assert second["runs_executed_now"] == 0
+    # the whole bench is still on record: both invocations, 10 runs in all
+    assert [i["runs_executed_now"] for i in second["invocations"]] == [10, 0] and second["runs_executed_total"] == 10
+    assert second["wall_minutes_total"] == pytest.approx(record["wall_minutes"] + second["wall_minutes"], abs=0.011)
+    assert "all 2 invocation(s) into this folder: 10 runs in" in (out / "VERDICTS.md").read_text()
 
 
 # ------------------------------------------------------------ the CLI route: hparams_search=tune
@@ -548,7 +553,10 @@ def test_verdicts_state_the_winner_margin_and_each_method_next_to_the_dense_cont
                     "compress/ratio": 10.5,
                     "test/top1_dense": 0.96 + seed / 100,
                     "test/top1_dense_ft": 0.95,
+                    "train/steps_dense_ft": 100,
                 }
+                if method == "prune_then_quantize" and seed == 1:  # as a post-training run records it: a 0-step control
+                    r.update({"test/top1_dense_ft": r["test/top1_dense"], "train/steps_dense_ft": 0})
             (runs / f"{bench.tag_of(method, '2:4 w4')}_s{seed}").mkdir(parents=True)
             (runs / f"{bench.tag_of(method, '2:4 w4')}_s{seed}" / "results.json").write_text(json.dumps(r))
     chosen = {

@@ -132,7 +132,7 @@ def _draw(axis: Any, group: pd.DataFrame, x: str, colours: dict[str, Any], marke
         )
     front = group[pareto_front(group, x, "metric")].assign(_x=xs).sort_values("_x")
     if len(front):
-        axis.step(front["_x"], front["metric"], where="pre", color="black", lw=1.0, alpha=0.5, zorder=1)
+        axis.step(front["_x"], front["metric"], where="pre", color="black", ls=(0, (4, 2)), lw=0.9, alpha=0.8, zorder=1)
         axis.scatter(front["_x"], front["metric"], s=130, facecolors="none", edgecolors="black", lw=1.2, zorder=3)
     for column, style in (("metric_dense", "--"), ("metric_dense_ft", ":")):
         if column in group and group[column].notna().any():
@@ -155,7 +155,7 @@ def _legend(figure: Any, methods: list[str], colours: dict[str, Any], markers: d
 
     handles = [Line2D([], [], color=colours[m], marker=markers[m], ms=5, lw=1.2, label=plain(m)) for m in methods]
     handles += [
-        Line2D([], [], color="black", marker="o", ms=10, mfc="none", lw=1.0, alpha=0.7, label="Pareto front"),
+        Line2D([], [], color="black", marker="o", ms=10, mfc="none", ls=(0, (4, 2)), lw=0.9, alpha=0.8, label="Pareto front"),
         Line2D([], [], color="grey", ls="--", lw=1.2, label="dense"),
         Line2D([], [], color="grey", ls=":", lw=1.2, label="dense fine-tuned"),
     ]
@@ -199,8 +199,9 @@ def pareto_figure(table: pd.DataFrame, x: str = "compress/ratio", zoom_points: f
         axis.text(0.5, 0.5, plain(f"no completed runs with {x}"), ha="center", va="center", transform=axis.transAxes)
         axis.set_axis_off()
     methods = sorted({str(m) for m in points["method"]}) if not points.empty else []
-    cmap = matplotlib.colormaps["tab10" if len(methods) <= 10 else "tab20"]
-    colours = {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
+    cmap = matplotlib.colormaps["tab10" if len(methods) <= 9 else "tab20"]
+    palette = [c for i, c in enumerate(cmap.colors) if cmap.name != "tab10" or i != 7]  # tab10's grey is the references' colour
+    colours = {m: palette[i % len(palette)] for i, m in enumerate(methods)}
     markers = {m: MARKERS[i % len(MARKERS)] for i, m in enumerate(methods)}
     label = X_LABELS.get(x, f"{x} (log)")
     for row, (key_values, group) in enumerate(groups):

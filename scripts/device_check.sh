@@ -9,9 +9,9 @@
 # Steps (each under its own timeout; a failed or timed-out step is recorded and the
 # others still run; the exit status is 1 when any step failed):
 #   1. step time of dense / slope / naive / codeq / sqs on ResNet-18, 224 px, batch 256,
-#      bf16 autocast, ratio to dense. `python -m slope_bench.step_time` is used when it
-#      has --device and --precision; today it has neither (it times on the CPU in fp32),
-#      so the same drive() loop is run here on the device under bf16 autocast.
+#      bf16 autocast, ratio to dense. `python -m slope_bench.step_time --device cuda
+#      --precision ...` is used (it has both flags now); the inline drive() loop under bf16
+#      autocast remains as the fallback for a checkout whose step_time lacks them.
 #   2. OBC (conf/method/obc.yaml: 2:4 + w4) on every targeted ResNet-18 layer with 1,024
 #      random 224 px calibration images, on the device (wall time of prepare + calibration
 #      + solve); the finalized model is written as a run directory (packed artifact).

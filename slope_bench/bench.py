@@ -311,6 +311,8 @@ class Runner:
 
     def many(self, calls: list[tuple[Path, str, int, list[str]]], priority: tuple = ()) -> list[dict]:
         """Run independent configurations (on the workers at once) and return their results in order."""
+        from slope_bench.obs import torch_threads
+
         results: list = [None] * len(calls)
         pending = []
         for i, (out_dir, method, seed, overrides) in enumerate(calls):
@@ -324,8 +326,6 @@ class Runner:
             if self.parallel:
                 pending.append((i, out_dir, self._submit(priority, args)))
             else:
-                from slope_bench.obs import torch_threads
-
                 with torch_threads(self.threads):
                     results[i], seconds = execute(*args)
                 self._log(out_dir, results[i], seconds)
@@ -496,7 +496,7 @@ def verdicts_markdown(table, chosen: dict, record: dict, runs_dir: Path | None =
         "",
         f"Measured {record['date']} on {record['machine']['cpu']} ({record['machine']['cores']} cores), "
         f"this invocation of `make bench`: {record['runs_executed_now']} runs in {record['wall_minutes']:.1f} min "
-        f"(runs already finished in an earlier invocation are read back, not rerun; all {len(record.get('invocations', [1]))} "
+        f"(runs already finished in an earlier invocation are read back, not rerun; all {len(record.get('invocations') or [record])} "
         f"invocation(s) into this folder: {record.get('runs_executed_total', record['runs_executed_now'])} runs in "
         f"{record.get('wall_minutes_total', record['wall_minutes']):.1f} min, `bench.json`). Protocol: {record['trials']} tuning trials per method and setting "
         f"(seeded TPE, chosen on validation top-1 only), then {record['seeds']} seeds of the chosen configuration on test. "

@@ -21,7 +21,9 @@ On ``experiment=bench_digits`` (digits_hard + ResNet-18 width 16), in this proce
 Runs go to ``--workers`` processes (default one per core, at most 8; one torch thread
 each): the (setting, method) pipelines run side by side, a priority queue keeps the ratio
 reference's runs ahead of the rest, and tuning trials skip per-epoch validation
-(``TRIAL_OVERRIDES``: the choice reads the finalized model's ``val/*``). Finished runs are
+(``TRIAL_OVERRIDES``: the choice reads the finalized model's ``val/*``). The chosen trial
+is copied as the tuning seed's run (:func:`reuse_trial`), and no run writes resume
+checkpoints (``RUN_OVERRIDES``). Finished runs are
 skipped when the benchmark is run again (resumable); failures are recorded as
 ``status: failed`` and listed on the leaderboard.
 """
@@ -36,6 +38,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import sys
 import threading
 import time
@@ -147,6 +150,9 @@ def tag_of(method: str, setting: str) -> str:
     return f"{method}_{setting.replace(':', 'of').replace(' ', '_')}"
 
 
+# every run of the bench: no logger, no bar (a worker's console is a file), no resume
+# checkpoints (the bench resumes whole runs: an unfinished one restarts, resume=false)
+RUN_OVERRIDES = ["logger=none", "trainer.enable_progress_bar=false", "checkpoint_every=0"]
 TRIAL_OVERRIDES = ["val_every=0"]  # a trial is scored by the val/* its finalized model records; per-epoch curves are not needed
 
 
@@ -170,7 +176,7 @@ def execute(
     from slope_bench.train import run
 
     cfg = compose_run(
-        [f"experiment={experiment}", f"method={method}", f"seed={seed}", "logger=none", "trainer.enable_progress_bar=false", *overrides],
+        [f"experiment={experiment}", f"method={method}", f"seed={seed}", *RUN_OVERRIDES, *overrides],
         out_dir,
         cache,
         data,
@@ -388,6 +394,9 @@ def protocol(args: argparse.Namespace, runner: Runner) -> dict:
 
         try:
             tuned = tune(method, trial, args.trials, seed=args.tune_seed, target_ratio=target, tolerance=args.tolerance)
+            if tuned.chosen is not None and args.tune_seed < args.seeds:
+                number = next(i for i, t in enumerate(tuned.trials) if t is tuned.chosen)
+                reuse_trial(tune_dir / tag / f"trial_{number:02d}", runs_dir / f"{tag}_s{args.tune_seed}")
             calls = [(runs_dir / f"{tag}_s{seed}", method, seed, [*fixed, *tuned.overrides]) for seed in range(args.seeds)]
             finals = runner.many(calls, (rank, 1))
             ok = [r for r in finals if r.get("status") == "ok"]
@@ -423,6 +432,26 @@ def protocol(args: argparse.Namespace, runner: Runner) -> dict:
     if "dense" in args.methods:
         runner.many([(runs_dir / f"dense_s{seed}", "dense", seed, []) for seed in range(args.seeds)], (2, 1))
     return chosen
+
+
+def reuse_trial(trial_dir: Path, run_dir: Path) -> None:
+    """The chosen trial *is* the chosen configuration's run at the tuning seed: copy it to
+    ``run_dir`` instead of training it again (``results.json`` gains ``bench/reused_trial``).
+
+    A trial differs from a seed run only by ``TRIAL_OVERRIDES`` (no per-epoch validation),
+    which changes no recorded value (a test checks); a ``run_dir`` that already finished is
+    kept. Its test metrics are not read for the choice either way: the choice is on ``val/*``.
+    """
+    from slope_bench.utils import atomic_write_json
+
+    if (run_dir / "results.json").is_file() or not (trial_dir / "results.json").is_file():
+        return
+    if run_dir.exists():  # an unfinished run's leftovers
+        shutil.rmtree(run_dir)
+    shutil.copytree(trial_dir, run_dir)
+    results = json.loads((run_dir / "results.json").read_text())
+    results["bench/reused_trial"] = str(trial_dir.relative_to(trial_dir.parent.parent.parent))
+    atomic_write_json(run_dir / "results.json", results)
 
 
 def history(path: Path, record: dict) -> dict:
@@ -499,7 +528,13 @@ def verdicts_markdown(table, chosen: dict, record: dict, runs_dir: Path | None =
         f"(runs already finished in an earlier invocation are read back, not rerun; all {len(record.get('invocations') or [record])} "
         f"invocation(s) into this folder: {record.get('runs_executed_total', record['runs_executed_now'])} runs in "
         f"{record.get('wall_minutes_total', record['wall_minutes']):.1f} min, `bench.json`). Protocol: {record['trials']} tuning trials per method and setting "
-        f"(seeded TPE, chosen on validation top-1 only), then {record['seeds']} seeds of the chosen configuration on test. "
+        f"(seeded TPE, chosen on validation top-1 only), then {record['seeds']} seeds of the chosen configuration on test"
+        + (
+            f" (seed {record['tune_seed']} is the chosen trial itself, copied: the same configuration and seed)"
+            if record.get("tune_seed", record["seeds"]) < record["seeds"]
+            else ""
+        )
+        + ". "
         "Differences are paired by seed (same split, same dense reference): mean difference of test top-1 with a 95% paired "
         f"bootstrap interval and a sign-flip permutation test, every method against {record['baseline']}, Holm-corrected across "
         "the whole table; CoDeQ and SQS are paired "

@@ -438,7 +438,8 @@ def fit(
     """Train ``model`` for ``epochs`` at peak ``lr`` with the run's optimizer, schedule and trainer.
 
     With ``checkpoint`` set, ``<run dir>/checkpoints/<checkpoint>/last.ckpt`` is written
-    after every epoch, and ``resume=true`` continues from it (loaded with ``weights_only=True``).
+    every ``checkpoint_every`` epochs (0: never), and ``resume=true`` continues from it
+    (loaded with ``weights_only=True``).
     """
     import hydra
 
@@ -448,13 +449,14 @@ def fit(
     timer = StepTimer()
     callbacks: list[pl.Callback] = [timer]
     ckpt_path = None
-    if checkpoint is not None:
+    every = int(cfg.get("checkpoint_every", 1))
+    if checkpoint is not None and every > 0:
         from pytorch_lightning.callbacks import ModelCheckpoint
 
         folder = Path(cfg.paths.output_dir) / "checkpoints" / checkpoint
         # one file, last.ckpt, replaced (atomically) after every epoch
         callbacks.append(
-            ModelCheckpoint(folder, "last", save_top_k=1, every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False)
+            ModelCheckpoint(folder, "last", save_top_k=1, every_n_epochs=every, save_on_train_epoch_end=True, enable_version_counter=False)
         )
         if cfg.get("resume", False) and (folder / "last.ckpt").is_file():
             ckpt_path = usable_checkpoint(folder / "last.ckpt", fingerprint(cfg), tag)
@@ -479,7 +481,7 @@ def fit(
         max_epochs=epochs,
         logger=logger if logger is not None else False,
         callbacks=callbacks,
-        enable_checkpointing=checkpoint is not None,
+        enable_checkpointing=checkpoint is not None and every > 0,
         default_root_dir=cfg.paths.output_dir,
     )
     log.info("%s: %d epochs%s", tag, epochs, " (channels_last)" if channels_last else "")

@@ -6,7 +6,7 @@ first, and a bad one stops the run with one line naming the key and what is allo
 nothing):
 
 * the seed (an integer in 0 … 2³²−1) and the run's own knobs (``dense``, ``finetune``,
-  ``control``, ``divergence``, ``val_every``, ``resume``);
+  ``control``, ``divergence``, ``val_every``, ``resume``, ``checkpoint_every``);
 * unknown top-level keys and unknown keys of the plain blocks (``+foo=1``);
 * the run's own trainer knob ``trainer.channels_last`` (a boolean; whether the model can
   take it is checked by :func:`check_channels_last` as soon as the model is built, still
@@ -93,6 +93,7 @@ def check_run_knobs(cfg: DictConfig) -> None:
     check_bool("control.dense_ft", cfg.control.dense_ft)
     check_int("val_every", cfg.get("val_every", 1), 0)
     check_bool("resume", cfg.get("resume", False))
+    check_int("checkpoint_every", cfg.get("checkpoint_every", 1), 0)
     if isinstance(cfg.get("trainer"), DictConfig):
         check_bool("trainer.channels_last", cfg.trainer.get("channels_last", False))
     check_objectives(cfg.get("objectives"))

@@ -311,7 +311,8 @@ def test_bench_main_runs_the_protocol_end_to_end(tmp_path, capsys):
     with torch_threads(1):  # tiny convolutions: a second thread only spins (and starves when the CPUs are busy)
         assert bench.main([*argv, "--out", str(out), "--cache", str(tmp_path / "cache"), *BENCH_TINY]) == 0
     record = json.loads((out / "bench.json").read_text())
-    assert record["runs_executed_now"] == 10 and record["extra_overrides"] == BENCH_TINY
+    # 2 x 2 trials + 2 x 3 seeds, less the 2 seed-0 runs that are the chosen trials themselves
+    assert record["runs_executed_now"] == 8 and record["extra_overrides"] == BENCH_TINY
     for method in ("slope", "naive"):
         tag = f"{method}_2of4_w4"
         trials = sorted(p.name for p in (out / "tune" / tag).iterdir())
@@ -324,6 +325,10 @@ def test_bench_main_runs_the_protocol_end_to_end(tmp_path, capsys):
         knobs = {o.split("=", 1)[0].removeprefix("method."): float(o.split("=", 1)[1]) for o in chosen["overrides"]}
         assert set(knobs) == set(search_space(method))
         seeds = [json.loads((out / "runs" / f"{tag}_s{s}" / "results.json").read_text()) for s in range(3)]
+        winner = max(range(2), key=lambda i: (trial_results[i]["val/top1"], -i))
+        assert seeds[0].pop("bench/reused_trial") == f"tune/{tag}/trial_{winner:02d}"
+        assert seeds[0] == trial_results[winner], "seed 0 is the chosen trial, copied"
+        assert "bench/reused_trial" not in seeds[1]
         for seed, r in enumerate(seeds):
             assert r["status"] == "ok" and r["seed"] == seed and r["method"] == method and r["setting"] == "2:4 w4"
             assert "val/top1" in r and "test/top1" in r and r["model_width"] == 4
@@ -336,6 +341,7 @@ def test_bench_main_runs_the_protocol_end_to_end(tmp_path, capsys):
     verdicts = (out / "VERDICTS.md").read_text()
     assert "## 2:4 w4" in verdicts and "| 3 |" in verdicts and row["verdict"].iloc[0] in verdicts
     assert all(f"- {m}: method." in verdicts for m in ("slope", "naive"))  # the tuned configurations are listed
+    assert "seed 0 is the chosen trial itself" in verdicts
     for name in ("leaderboard.csv", "leaderboard.md", "leaderboard.html"):
         assert (out / name).stat().st_size > 0, name
     assert len(pd.read_csv(out / "leaderboard.csv")) >= 2
@@ -362,10 +368,10 @@ def test_bench_main_runs_the_protocol_end_to_end(tmp_path, capsys):
         assert bench.main([*argv, "--out", str(out), "--cache", str(tmp_path / "cache"), *BENCH_TINY]) == 0
     second = json.loads((out / "bench.json").read_text())
     assert second["runs_executed_now"] == 0
-    # the whole bench is still on record: both invocations, 10 runs in all
-    assert [i["runs_executed_now"] for i in second["invocations"]] == [10, 0] and second["runs_executed_total"] == 10
+    # the whole bench is still on record: both invocations, 8 runs in all
+    assert [i["runs_executed_now"] for i in second["invocations"]] == [8, 0] and second["runs_executed_total"] == 8
     assert second["wall_minutes_total"] == pytest.approx(record["wall_minutes"] + second["wall_minutes"], abs=0.011)
-    assert "all 2 invocation(s) into this folder: 10 runs in" in (out / "VERDICTS.md").read_text()
+    assert "all 2 invocation(s) into this folder: 8 runs in" in (out / "VERDICTS.md").read_text()
 
 
 # ------------------------------------------------------------ the CLI route: hparams_search=tune

@@ -11,6 +11,7 @@ import torch
 from slope_bench.mixture import (
     bernoulli_kl,
     component_logits,
+    exp_or_zero,
     fp16_codebook,
     gate_logit,
     gated_score,
@@ -22,6 +23,7 @@ from slope_bench.mixture import (
     most_likely_component,
     neighbour_plan,
     pooled_std,
+    sample_component,
     sample_weights,
     upper_envelope,
 )
@@ -209,3 +211,25 @@ def test_sample_weights_take_codebook_values_and_respect_the_mask() -> None:
     soft = sample_weights(w, means, mixing, torch.tensor(std), 1e-4, mask, torch.full((400,), 0.5), generator)
     dropped = mask & (soft == 0)
     assert 0.3 < float(dropped.sum()) / float(mask.sum()) < 0.7
+
+
+def test_sampled_components_follow_the_posterior() -> None:
+    """The inverse-CDF draw has the posterior's frequencies (and never a 0-probability component)."""
+    w = torch.tensor([0.01, 0.02, 0.05])
+    means, mixing, std, temperature = torch.tensor([-0.1, 0.0, 0.03, 0.1]), torch.tensor([0.0, 1.0, 0.0, -1.0]), torch.tensor(0.03), 0.5
+    posterior = torch.softmax(component_logits(w, means, torch.log_softmax(mixing, 0), std, temperature), 1)
+    draws = 40000
+    index = sample_component(w.repeat(draws), means, mixing, std, temperature, torch.Generator().manual_seed(0)).reshape(draws, 3)
+    frequency = torch.stack([torch.bincount(index[:, j], minlength=4) for j in range(3)]).float() / draws
+    assert torch.allclose(frequency, posterior, atol=0.01)  # 4 sd of a binomial frequency at 40k draws is <= 0.01
+    # a component whose probability underflows to 0 is never drawn
+    sharp = sample_component(w.repeat(1000), means, mixing, std, 1e-6, torch.Generator().manual_seed(1))
+    assert torch.equal(torch.unique(sharp), torch.unique(most_likely_component(w, means, mixing, std)))
+
+
+def test_exp_or_zero_is_exp_down_to_the_smallest_normal_float() -> None:
+    x = torch.tensor([-1e4, -200.0, -88.0, -87.3, -87.0, -20.0, 0.0, 3.0])
+    out = exp_or_zero(x)
+    assert torch.equal(out[:3], torch.zeros(3))  # exp would return 0 or a subnormal there
+    assert torch.equal(out[3:], torch.exp(x[3:]))
+    assert bool((out[3:] >= torch.finfo(torch.float32).tiny).all())

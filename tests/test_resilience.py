@@ -181,6 +181,18 @@ def crash_then(overrides: list[str], tmp_path: Path, shared_cache: Path, monkeyp
     return cfg, Path(cfg.paths.output_dir)
 
 
+def test_checkpoint_every_zero_leaves_no_resume_point_and_a_resume_restarts(tmp_path, shared_cache, monkeypatch):
+    """``checkpoint_every=0`` (what the bench's short runs use): nothing is written, and a
+    rerun with ``resume=true`` trains the phase again to the same result."""
+    overrides = [*SHRINK, "finetune.epochs=2", "control.dense_ft=false", "checkpoint_every=0"]
+    whole = run(compose_config(overrides, tmp_path / "whole", shared_cache))
+    cfg, out = crash_then(overrides, tmp_path / "crashed", shared_cache, monkeypatch)
+    assert not (out / "checkpoints").exists()
+    with open_dict(cfg):
+        cfg.resume = True
+    assert comparable(run(cfg)) == comparable(whole)
+
+
 def test_resume_with_another_configuration_is_refused(tmp_path, shared_cache, monkeypatch):
     overrides = [*SHRINK, "finetune.epochs=2", "control.dense_ft=false"]
     cfg, out = crash_then(overrides, tmp_path, shared_cache, monkeypatch)

@@ -34,6 +34,7 @@ from tests.conftest import ROOT, SHRINK, compose_config
         (["method.w_bits=abc"], "method.w_bits", "an integer or null"),
         (["method.compress_first=3"], "method.compress_first", "true or false"),
         (["dense.epochs=-1"], "dense.epochs", "an integer >= 0"),
+        (["checkpoint_every=-1"], "checkpoint_every", "an integer >= 0"),
         (["finetune.lr=0"], "finetune.lr", "(0.0, inf)"),
         (["+objectives=[test/main]"], "objectives", "other than test/*"),
         (["model=vit_small", "+model.width=8"], "model.width", "a knob of model"),

@@ -413,7 +413,7 @@ def sample_component(
 
     By inverse CDF: ``k`` is the number of cumulative posteriors ``≤ u·total`` for one
     uniform ``u`` per weight (a component of probability 0 is never drawn); the same
-    distribution as ``torch.multinomial`` at a tenth of its cost on a CPU.
+    distribution as ``torch.multinomial`` at about half its cost on a CPU.
     """
     flat = weight.detach().reshape(-1)
     log_mixing = torch.log_softmax(mixing_logits.detach(), 0)

@@ -243,6 +243,28 @@ def label(value: str) -> str:
     return value
 
 
+def test_reuse_trial_copies_the_chosen_trial_once_and_keeps_a_finished_run(tmp_path):
+    trial = tmp_path / "tune" / "slope_2of4_w4" / "trial_03"
+    trial.mkdir(parents=True)
+    (trial / "results.json").write_text(json.dumps({"status": "ok", "seed": 0, "val/top1": 0.9}))
+    (trial / "finalized.safetensors").write_bytes(b"weights")
+    run = tmp_path / "runs" / "slope_2of4_w4_s0"
+    run.mkdir(parents=True)
+    (run / "leftover.ckpt").write_bytes(b"an interrupted run")
+    bench.reuse_trial(trial, run)
+    copied = json.loads((run / "results.json").read_text())
+    assert copied == {"status": "ok", "seed": 0, "val/top1": 0.9, "bench/reused_trial": "tune/slope_2of4_w4/trial_03"}
+    assert (run / "finalized.safetensors").read_bytes() == b"weights" and not (run / "leftover.ckpt").exists()
+    # a finished run is never replaced, and a trial without results.json copies nothing
+    (run / "results.json").write_text(json.dumps({"status": "ok", "seed": 0, "val/top1": 0.8}))
+    bench.reuse_trial(trial, run)
+    assert json.loads((run / "results.json").read_text())["val/top1"] == 0.8
+    empty = tmp_path / "tune" / "naive_2of4_w4" / "trial_00"
+    empty.mkdir(parents=True)
+    bench.reuse_trial(empty, tmp_path / "runs" / "naive_2of4_w4_s0")
+    assert not (tmp_path / "runs" / "naive_2of4_w4_s0").exists()
+
+
 def test_workers_run_the_most_urgent_job_first():
     """One worker, busy: the queued jobs then start by priority (then first come), whatever
     the order they were submitted in."""

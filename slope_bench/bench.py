@@ -389,14 +389,17 @@ def protocol(args: argparse.Namespace, runner: Runner) -> dict:
         tag = tag_of(method, setting)
         rank = PRIORITY.get(method, 2)
 
+        def trial_dir(number: int) -> Path:
+            return tune_dir / tag / f"trial_{number:02d}"
+
         def trial(number: int, overrides: list[str]) -> dict:
-            return runner(tune_dir / tag / f"trial_{number:02d}", method, args.tune_seed, [*fixed, *overrides, *TRIAL_OVERRIDES], (rank, 0))
+            return runner(trial_dir(number), method, args.tune_seed, [*fixed, *overrides, *TRIAL_OVERRIDES], (rank, 0))
 
         try:
             tuned = tune(method, trial, args.trials, seed=args.tune_seed, target_ratio=target, tolerance=args.tolerance)
             if tuned.chosen is not None and args.tune_seed < args.seeds:
                 number = next(i for i, t in enumerate(tuned.trials) if t is tuned.chosen)
-                reuse_trial(tune_dir / tag / f"trial_{number:02d}", runs_dir / f"{tag}_s{args.tune_seed}")
+                reuse_trial(trial_dir(number), runs_dir / f"{tag}_s{args.tune_seed}")
             calls = [(runs_dir / f"{tag}_s{seed}", method, seed, [*fixed, *tuned.overrides]) for seed in range(args.seeds)]
             finals = runner.many(calls, (rank, 1))
             ok = [r for r in finals if r.get("status") == "ok"]

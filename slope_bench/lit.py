@@ -424,15 +424,6 @@ def usable_checkpoint(path: Path, expected: dict[str, Any], tag: str) -> str | N
     return str(path)
 
 
-def on_cpu(trainer_cfg) -> bool:
-    """Whether a fit with this trainer config runs on the CPU (``accelerator: cpu``, or
-    ``auto`` on a machine without CUDA or MPS)."""
-    accelerator = str(trainer_cfg.get("accelerator", "auto"))
-    if accelerator == "auto":
-        return not (torch.cuda.is_available() or torch.backends.mps.is_available())
-    return accelerator == "cpu"
-
-
 def fit(
     model: nn.Module,
     task,
@@ -494,7 +485,7 @@ def fit(
         default_root_dir=cfg.paths.output_dir,
     )
     log.info("%s: %d epochs%s", tag, epochs, " (channels_last)" if channels_last else "")
-    if channels_last and on_cpu(cfg.trainer):
+    if channels_last and isinstance(trainer.accelerator, pl.accelerators.CPUAccelerator):  # as Lightning resolved it
         log.warning(
             "%s: trainer.channels_last on a CPU: torch's NHWC convolution backward has given gradients ~100x less "
             "accurate than NCHW (at times 5%% off) and heap corruption at tiny widths on torch 2.14.1 "

@@ -20,10 +20,11 @@ On ``experiment=bench_digits`` (digits_hard + ResNet-18 width 16), in this proce
 
 Runs go to ``--workers`` processes (default one per core, at most 8; one torch thread
 each): the (setting, method) pipelines run side by side, a priority queue keeps the ratio
-reference's runs ahead of the rest, and tuning trials skip per-epoch validation
-(``TRIAL_OVERRIDES``: the choice reads the finalized model's ``val/*``). The chosen trial
-is copied as the tuning seed's run (:func:`reuse_trial`), and no run writes resume
-checkpoints (``RUN_OVERRIDES``). Finished runs are
+reference's runs ahead of the rest. No run validates per epoch or writes resume
+checkpoints (``RUN_OVERRIDES``: the choice reads the finalized model's ``val/*``, and
+nothing records the per-epoch curves), so a trial and a seed run of the same
+configuration and seed are the same run: the chosen trial is copied as the tuning seed's
+run (:func:`reuse_trial`). Finished runs are
 skipped when the benchmark is run again (resumable); failures are recorded as
 ``status: failed`` and listed on the leaderboard.
 """
@@ -151,9 +152,10 @@ def tag_of(method: str, setting: str) -> str:
 
 
 # every run of the bench: no logger, no bar (a worker's console is a file), no resume
-# checkpoints (the bench resumes whole runs: an unfinished one restarts, resume=false)
-RUN_OVERRIDES = ["logger=none", "trainer.enable_progress_bar=false", "checkpoint_every=0"]
-TRIAL_OVERRIDES = ["val_every=0"]  # a trial is scored by the val/* its finalized model records; per-epoch curves are not needed
+# checkpoints (the bench resumes whole runs: an unfinished one restarts, resume=false), no
+# per-epoch validation (a trial is scored by the val/* its finalized model records, a seed
+# run by its test/*; per-epoch curves would go nowhere without a logger)
+RUN_OVERRIDES = ["logger=none", "trainer.enable_progress_bar=false", "checkpoint_every=0", "val_every=0"]
 
 
 def default_workers() -> int:
@@ -393,7 +395,7 @@ def protocol(args: argparse.Namespace, runner: Runner) -> dict:
             return tune_dir / tag / f"trial_{number:02d}"
 
         def trial(number: int, overrides: list[str]) -> dict:
-            return runner(trial_dir(number), method, args.tune_seed, [*fixed, *overrides, *TRIAL_OVERRIDES], (rank, 0))
+            return runner(trial_dir(number), method, args.tune_seed, [*fixed, *overrides], (rank, 0))
 
         try:
             tuned = tune(method, trial, args.trials, seed=args.tune_seed, target_ratio=target, tolerance=args.tolerance)
@@ -441,9 +443,8 @@ def reuse_trial(trial_dir: Path, run_dir: Path) -> None:
     """The chosen trial *is* the chosen configuration's run at the tuning seed: copy it to
     ``run_dir`` instead of training it again (``results.json`` gains ``bench/reused_trial``).
 
-    A trial differs from a seed run only by ``TRIAL_OVERRIDES`` (no per-epoch validation),
-    which changes no recorded value (a test checks); a ``run_dir`` that already finished is
-    kept. Its test metrics are not read for the choice either way: the choice is on ``val/*``.
+    Both run with the same overrides (``RUN_OVERRIDES``, the setting, the chosen
+    configuration) at the same seed; a ``run_dir`` that already finished is kept. Its test metrics are not read for the choice either way: the choice is on ``val/*``.
     """
     from slope_bench.utils import atomic_write_json
 

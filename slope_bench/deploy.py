@@ -421,7 +421,8 @@ def build_deployed(
         skipped: list[str] = []
         chosen, layer, note, reason = "dense", None, None, None
         if not isinstance(source, nn.Linear):
-            reason = f"dense fallback: {type(source).__name__}: torch's 2:4 sparse and weight-only int kernels cover linear layers only"
+            kind = "Conv2d" if isinstance(source, nn.Conv2d) else type(source).__name__  # models.SmallMapConv2d too
+            reason = f"dense fallback: {kind}: torch's 2:4 sparse and weight-only int kernels cover linear layers only"
         else:
             for kernel in order:
                 if kernel == "dense":

@@ -8,6 +8,8 @@ classifier). Pretrained weights (torchvision) or a user checkpoint can be loaded
 
 from __future__ import annotations
 
+import functools
+import itertools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -134,6 +136,109 @@ def load_checkpoint(model: nn.Module, path: str | Path, key: str = "model.checkp
     return model
 
 
+@functools.lru_cache(maxsize=64)
+def conv_matrix_taps(
+    height: int, width: int, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int]
+) -> tuple[torch.Tensor, int, int, bool]:
+    """Which kernel tap links each input pixel to each output pixel of a convolution.
+
+    A zero-padded convolution on an ``height × width`` map is the linear map
+    ``y[o] = Σ_i W[tap(o, i)] x[i]`` (channels aside); on a 2×2 map a 3×3 kernel reaches
+    each output through at most 4 taps, the rest lands on padding.
+
+    Args:
+        height: input map height, e.g. 2.
+        width: input map width, e.g. 2.
+        kernel: ``(kh, kw)``, e.g. ``(3, 3)``.
+        stride: ``(sh, sw)``.
+        padding: ``(ph, pw)`` zeros on each side.
+        dilation: ``(dh, dw)``.
+
+    Returns:
+        ``(taps, out_height, out_width, complete)``: ``taps`` is ``(out pixels, in pixels)``
+        with the flat tap index ``ky·kw + kx``, or ``kh·kw`` where no tap links the two;
+        ``complete`` when every pair is linked (no ``kh·kw`` entry).
+    """
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    out_h = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    out_w = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    taps = torch.full((out_h * out_w, height * width), kh * kw, dtype=torch.long)
+    for oy, ox, ky, kx in itertools.product(range(out_h), range(out_w), range(kh), range(kw)):
+        iy, ix = oy * sh - ph + ky * dh, ox * sw - pw + kx * dw
+        if 0 <= iy < height and 0 <= ix < width:
+            taps[oy * out_w + ox, iy * width + ix] = ky * kw + kx
+    return taps, out_h, out_w, bool((taps < kh * kw).all())
+
+
+def conv2d_as_matrix(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, stride, padding, dilation)`` (zero padding, groups 1)
+    as one product ``x.flatten(1) @ M``, ``M`` the convolution's ``(C·H·W, C_out·H_out·W_out)``
+    matrix gathered from the kernel (:func:`conv_matrix_taps`).
+
+    The same linear map, summed in another order (float32 rounding differs in the last
+    bits). Worth it only on tiny maps, where ``M`` is small, e.g. ``x`` of shape
+    ``(128, 64, 2, 2)`` and a ``(64, 64, 3, 3)`` kernel: ``M`` is ``256 × 256``.
+    """
+    n, channels, height, width = x.shape
+    out_channels, _, kh, kw = weight.shape
+    taps, out_h, out_w, complete = conv_matrix_taps(height, width, (kh, kw), stride, padding, dilation)
+    kernel = weight.reshape(out_channels, channels, kh * kw)
+    if not complete:  # a last, zero "tap" for the pairs no tap links
+        kernel = torch.cat([kernel, kernel.new_zeros(out_channels, channels, 1)], 2)
+    taps = taps.to(weight.device)
+    matrix = kernel[:, :, taps].permute(1, 3, 0, 2).reshape(channels * height * width, out_channels * out_h * out_w)
+    y = (x.reshape(n, -1) @ matrix).reshape(n, out_channels, out_h, out_w)
+    return y if bias is None else y + bias.reshape(1, -1, 1, 1)
+
+
+SMALL_MAP_PIXELS = 4  # maps of at most 2×2 train as a matrix product (measured in SmallMapConv2d)
+
+
+class SmallMapConv2d(nn.Conv2d):
+    """``nn.Conv2d`` that trains on maps of at most 2×2 pixels as one matrix product.
+
+    On 8×8 inputs (digits) ResNet-18's last stages see 2×2 and 1×1 maps, where a 3×3
+    convolution mostly reaches padding. On a CPU, oneDNN's backward still runs every
+    tap: forward + backward of a 128→128 3×3 layer on a 1×1 map at batch 128 took
+    6.6 ms, the same map as :func:`conv2d_as_matrix` 0.5–1 ms (64→64 on 2×2: 4.6 → 3.0 ms;
+    at 4×4 the matrix is slower, and so is a 1×1 kernel: those keep the convolution).
+    Only in training mode on a CPU, with zero padding and ``groups == 1``: evaluation,
+    calibration and the MAC counter (``metrics.count_macs`` counts the full ``k×k``) run
+    the convolution itself. Weights, state dict and parametrizations are those of
+    ``nn.Conv2d``; ``torch.backends.mkldnn`` is not touched.
+    """
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if (
+            self.training
+            and input.dim() == 4
+            and input.device.type == "cpu"
+            and input.shape[-2] * input.shape[-1] <= SMALL_MAP_PIXELS
+            and self.kernel_size != (1, 1)
+            and self.groups == 1
+            and self.padding_mode == "zeros"
+            and not isinstance(self.padding, str)
+        ):
+            return conv2d_as_matrix(input, weight, bias, self.stride, self.padding, self.dilation)
+        return super()._conv_forward(input, weight, bias)
+
+
+def use_small_map_convs(model: nn.Module) -> nn.Module:
+    """Make every plain ``nn.Conv2d`` of ``model`` a :class:`SmallMapConv2d` in place
+    (its parameters, initialisation and hooks unchanged); returns ``model``."""
+    for module in model.modules():
+        if type(module) is nn.Conv2d:
+            module.__class__ = SmallMapConv2d
+    return model
+
+
 class ResNet18(tv_resnet.ResNet):
     """torchvision's ResNet-18 with a width knob and an optional small-input stem.
 
@@ -192,7 +297,7 @@ def resnet18(
         raise ConfigError("model.width", width, "an integer >= 1")
     if small_input is None:
         small_input = image_size <= 64
-    model = ResNet18(num_classes, in_chans, width, small_input)
+    model = use_small_map_convs(ResNet18(num_classes, in_chans, width, small_input))
     if pretrained:
         if width != 64:
             raise ConfigError("model.pretrained", pretrained, "false when model.width != 64 (weights exist for width 64)")

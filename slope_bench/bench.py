@@ -444,7 +444,8 @@ def reuse_trial(trial_dir: Path, run_dir: Path) -> None:
     ``run_dir`` instead of training it again (``results.json`` gains ``bench/reused_trial``).
 
     Both run with the same overrides (``RUN_OVERRIDES``, the setting, the chosen
-    configuration) at the same seed; a ``run_dir`` that already finished is kept. Its test metrics are not read for the choice either way: the choice is on ``val/*``.
+    configuration) at the same seed; a ``run_dir`` that already finished is kept. Its
+    test metrics are not read for the choice either way: the choice is on ``val/*``.
     """
     from slope_bench.utils import atomic_write_json
 
